@@ -1,0 +1,122 @@
+"""Structured-output coverage on JSONSchemaBench schemas, through the full pipeline.
+
+``python -m bench.jsonschemabench --set ../shared/data/jsonschemabench/Glaiveai2K.jsonl --json``
+(``--limit N``; ``--url http://127.0.0.1:8000`` to go through a running server) sends one chat
+request per schema with ``response_format: json_schema`` and prints:
+
+* ``n``; ``valid``: answers that validate with jsonschema (checked here, independently);
+* ``rejected``: clear 4xx answers with a reason (schema refused, no valid answer within budget);
+* ``invalid_success``: answers marked successful that fail validation (must be 0);
+* ``coverage`` = valid / n; ``median_latency_s``; ``repair_used``/``fallback_used`` counts and the
+  routes taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import statistics
+import time
+from pathlib import Path
+
+from jsonschema.validators import validator_for
+
+PROMPT = "Return a JSON object that follows the schema.\nSchema: {schema}\nText: Use realistic example values."
+
+
+def request(schema: dict, max_tokens: int) -> dict:
+    return {"model": "dgserve-tiny", "max_tokens": max_tokens, "temperature": 0, "seed": 0,
+            "messages": [{"role": "user", "content": PROMPT.format(schema=json.dumps(schema, separators=(",", ":")))}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
+
+
+def in_process_sender():
+    import torch
+
+    from models.drafter import DiffusionDrafter
+    from models.grammar import GrammarEngine
+    from models.speculative import SpeculativeDecoder
+    from models.tokenizer import EOS_ID, PAD_ID
+    from models.verifier import ARVerifier
+    from pipeline.gateway import Gateway
+    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
+    from pipeline.orchestrator import Pipeline
+
+    torch.set_num_threads(2)
+    drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
+    ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+    grammar = GrammarEngine(drafter.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
+    gw = Gateway(Pipeline(LocalDrafter(drafter, SpeculativeDecoder(drafter, ar), grammar), LocalAR(ar, grammar),
+                          LocalValidator()), "dgserve-tiny")
+    loop = asyncio.new_event_loop()
+
+    def send(body: dict) -> tuple[int, dict]:
+        reply = loop.run_until_complete(gw.chat(json.dumps(body).encode()))
+        return reply.status, reply.body
+
+    return send
+
+
+def http_sender(url: str):
+    import requests
+
+    session = requests.Session()
+
+    def send(body: dict) -> tuple[int, dict]:
+        r = session.post(f"{url.rstrip('/')}/v1/chat/completions", json=body, timeout=300)
+        return r.status_code, r.json()
+
+    return send
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", required=True, type=Path)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--url", default=None)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
+    rows = rows[: a.limit] if a.limit else rows
+    send = http_sender(a.url) if a.url else in_process_sender()
+    counts = collections.Counter()
+    latencies: list[float] = []
+    reasons = collections.Counter()
+    routes = collections.Counter()
+    for row in rows:
+        schema = row["schema"]
+        t0 = time.perf_counter()
+        status, body = send(request(schema, a.max_tokens))
+        latencies.append(time.perf_counter() - t0)
+        if status == 200:
+            text = body["choices"][0]["message"]["content"]
+            routes[body["route"]["path"]] += 1
+            for k in ("repair_used", "fallback_used"):
+                counts[k] += bool(body.get("stats", {}).get(k))
+            try:
+                ok = validator_for(schema)(schema).is_valid(json.loads(text))
+            except ValueError:
+                ok = False
+            counts["valid" if ok else "invalid_success"] += 1
+        elif 400 <= status < 500:
+            counts["rejected"] += 1
+            reasons[body["error"]["message"][:60]] += 1
+        else:
+            counts["server_error"] += 1
+    n = len(rows)
+    result = {
+        "set": a.set.name, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
+        "invalid_success": counts["invalid_success"], "server_error": counts["server_error"],
+        "coverage": round(counts["valid"] / max(1, n), 4),
+        "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,
+        "repair_used": counts["repair_used"], "fallback_used": counts["fallback_used"],
+        "routes": dict(routes), "top_rejections": dict(reasons.most_common(5)),
+    }
+    print(json.dumps(result) if a.json else json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

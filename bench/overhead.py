@@ -1,0 +1,105 @@
+"""Serving overhead: the same request over HTTP (Ray Serve app) vs an in-process pipeline call.
+
+``python -m bench.overhead [--n 40] [--json]`` starts the real app with ``serve.run`` on
+127.0.0.1, sends ``n`` identical requests (fixed seed, so identical work), then runs the same
+request ``n`` times through an in-process :class:`pipeline.gateway.Gateway` over the same local
+backends, and prints p50/p90 latency of both and their difference (the serving overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def request_body(route: str, max_tokens: int) -> dict:
+    return {"model": "dgserve-tiny", "max_tokens": max_tokens, "seed": 7, "temperature": 0, "route": route,
+            "messages": [{"role": "user", "content": "Describe Paris in a few words."}]}
+
+
+def over_http(n: int, body: dict) -> list[float]:
+    import ray
+    import requests
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8766})
+    serve.run(build_app({"drafter": {"device": "cpu", "dtype": "float32"}}), name="dgserve", route_prefix="/")
+    url = "http://127.0.0.1:8766/v1/chat/completions"
+    session = requests.Session()
+    for _ in range(3):
+        session.post(url, json=body, timeout=60).raise_for_status()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        session.post(url, json=body, timeout=60).raise_for_status()
+        times.append(time.perf_counter() - t0)
+    serve.shutdown()
+    ray.shutdown()
+    return times
+
+
+def in_process(n: int, body: dict) -> list[float]:
+    import torch
+
+    from models.drafter import DiffusionDrafter
+    from models.verifier import ARVerifier
+    from pipeline.gateway import Gateway
+    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
+    from pipeline.orchestrator import Pipeline
+
+    torch.set_num_threads(1)  # as in the drafter replica (torch_threads: 1)
+    drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
+    ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+    gw = Gateway(Pipeline(LocalDrafter(drafter), LocalAR(ar), LocalValidator()), "dgserve-tiny")
+    raw = json.dumps(body).encode()
+
+    async def run() -> list[float]:
+        for _ in range(3):
+            await gw.chat(raw)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            reply = await gw.chat(raw)
+            times.append(time.perf_counter() - t0)
+            assert reply.status == 200, reply.body
+        return times
+
+    return asyncio.run(run())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=40)
+    p.add_argument("--route", default="diffusion", choices=["diffusion", "ar"])
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    body = request_body(a.route, a.max_tokens)
+    local = in_process(a.n, body)
+    http = over_http(a.n, body)
+    ms = lambda x: round(1000 * x, 2)  # noqa: E731
+    result = {
+        "n": a.n, "route": a.route,
+        "http_p50_ms": ms(statistics.median(http)), "http_p90_ms": ms(pct(http, 0.9)),
+        "inprocess_p50_ms": ms(statistics.median(local)), "inprocess_p90_ms": ms(pct(local, 0.9)),
+    }
+    result["overhead_p50_ms"] = round(result["http_p50_ms"] - result["inprocess_p50_ms"], 2)
+    result["overhead_p90_ms"] = round(result["http_p90_ms"] - result["inprocess_p90_ms"], 2)
+    print(json.dumps(result) if a.json else "\n".join(f"{k:20s} {v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Typed application arguments: the ``args:`` of ``serve_config.yaml``. Imports no backend.
+
+Unknown keys or wrong values fail at deploy time with pydantic's message.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReplicaArgs(_Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+    num_gpus: float = Field(default=0, ge=0)
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    max_queued_requests: int = Field(default=64, ge=-1)
+    autoscaling: dict | None = None  # Ray Serve autoscaling_config, replaces num_replicas when set
+
+    def options(self) -> dict:
+        opts: dict = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+class ModelArgs(_Strict):
+    checkpoint: str | None = None  # local dir or hub id; None = the committed tiny checkpoint
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class DrafterArgs(ModelArgs):
+    replica: ReplicaArgs = ReplicaArgs(num_cpus=0.5, max_ongoing_requests=32)
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_denoising_steps: int | None = Field(default=None, ge=1)  # None = the checkpoint's setting
+    verify_draft_steps: int | None = Field(default=None, ge=1)  # denoising steps per draft on the verify route
+
+
+class VerifierArgs(ModelArgs):
+    # "same": AR through the drafter's own weights, inside the drafter replica (no second copy);
+    # "causal": a separate causal LM checkpoint in its own Verifier deployment.
+    source: Literal["same", "causal"] = "same"
+    replica: ReplicaArgs = ReplicaArgs(num_cpus=0.5, max_ongoing_requests=32)
+
+
+class ValidatorArgs(_Strict):
+    replica: ReplicaArgs = ReplicaArgs(num_cpus=0.1, max_ongoing_requests=64)
+    validators: dict[str, str] = Field(default_factory=dict)  # kind -> "package.module:Class"
+
+
+class RouterArgs(_Strict):
+    drafter_queue_threshold: int = Field(default=8, ge=0)
+    prose_route: Literal["diffusion", "verify", "ar"] = "diffusion"
+    greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = None
+    drafter_failures_before_cooldown: int = Field(default=1, ge=1)
+    drafter_cooldown_s: float = Field(default=10.0, ge=0)
+
+
+class StructuredArgs(_Strict):
+    canvas_guidance: bool = True  # grammar pins and masks inside the denoising loop
+    on_repair_failure: Literal["fallback", "error"] = "fallback"
+    grammar_compile_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class LimitArgs(_Strict):
+    max_tokens: int = Field(default=512, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    max_prompt_chars: int = Field(default=32_000, ge=1)
+
+
+class AppArgs(_Strict):
+    model_name: str = "dgserve-tiny"
+    drafter: DrafterArgs = DrafterArgs()
+    verifier: VerifierArgs = VerifierArgs()
+    validator: ValidatorArgs = ValidatorArgs()
+    router: RouterArgs = RouterArgs()
+    structured: StructuredArgs = StructuredArgs()
+    limits: LimitArgs = LimitArgs()
+    ingress: ReplicaArgs = ReplicaArgs(num_cpus=0.2, max_ongoing_requests=64, max_queued_requests=128)

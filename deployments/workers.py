@@ -1,0 +1,173 @@
+"""Model and validator deployments. Thin: each builds a ``pipeline.local`` object and delegates."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from ray import serve
+
+from pipeline.interfaces import Constraint, Job, TextChunk, TextResult, Verdict
+
+from .config import DrafterArgs, StructuredArgs, ValidatorArgs, VerifierArgs
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _grammar(verifier, structured: StructuredArgs):
+    from models.grammar import GrammarEngine
+
+    eos = sorted(verifier.eos_ids)[0]
+    vocab = verifier.lm.model.config.get_text_config().vocab_size
+    return GrammarEngine(verifier.tokenizer, vocab, eos, verifier.pad_id, structured.grammar_compile_timeout_s)
+
+
+@serve.deployment(name="Drafter")
+class DrafterDeployment:
+    """DiffusionGemma drafts; concurrent requests are denoised as one batch (``@serve.batch``).
+
+    With ``verifier.source == "same"`` this replica also serves AR decoding through the same
+    weights, so one copy of the weights serves both roles.
+    """
+
+    def __init__(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs):
+        from models.drafter import DiffusionDrafter, DraftSettings
+        from models.speculative import SpeculativeDecoder
+        from models.verifier import ARVerifier
+        from pipeline.local import LocalAR, LocalDrafter
+
+        _threads(args.torch_threads)
+        drafter = DiffusionDrafter.from_pretrained(args.checkpoint, args.device, args.dtype)
+        if args.max_denoising_steps is not None:
+            base = drafter.settings
+            drafter.settings = DraftSettings(**{**base.__dict__, "max_steps": args.max_denoising_steps})
+        # The verify route needs drafter and verifier in one process: the drafter's own weights
+        # (no second copy), or the separate causal checkpoint co-located here.
+        if verifier.source == "same":
+            ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+        else:
+            ar = ARVerifier.from_pretrained(verifier.checkpoint, "causal", verifier.device, verifier.dtype)
+        grammar = _grammar(ar, structured)
+        self.local = LocalDrafter(drafter, SpeculativeDecoder(drafter, ar, args.verify_draft_steps),
+                                  grammar if structured.canvas_guidance else None)
+        self.ar = LocalAR(ar, grammar) if verifier.source == "same" else None
+        self._draft_batch.set_max_batch_size(args.max_batch_size)
+        self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _draft_batch(self, jobs: list[Job]) -> list[TextResult]:
+        return await self.local.draft_many(jobs)
+
+    async def draft(self, job: Job) -> TextResult:
+        return await self._draft_batch(job)
+
+    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.local.draft_stream(job):
+            yield chunk
+
+    async def generate(self, job: Job) -> TextResult:
+        return await self._ar().generate(job)
+
+    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self._ar().stream(job):
+            yield chunk
+
+    async def repair(self, job: Job, draft_text: str) -> TextResult:
+        return await self._ar().repair(job, draft_text)
+
+    async def speculate(self, job: Job) -> TextResult:
+        return await self.local.speculate(job)
+
+    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.local.speculate_stream(job):
+            yield chunk
+
+    def _ar(self):
+        if self.ar is None:
+            raise RuntimeError("this drafter replica does not serve AR (verifier.source is 'causal')")
+        return self.ar
+
+
+@serve.deployment(name="Verifier")
+class VerifierDeployment:
+    """A separate causal LM checkpoint for AR generation, streaming and verification."""
+
+    def __init__(self, args: VerifierArgs, structured: StructuredArgs):
+        from models.verifier import ARVerifier
+        from pipeline.local import LocalAR
+
+        _threads(args.torch_threads)
+        verifier = ARVerifier.from_pretrained(args.checkpoint, "causal", args.device, args.dtype)
+        self.ar = LocalAR(verifier, _grammar(verifier, structured))
+
+    async def generate(self, job: Job) -> TextResult:
+        return await self.ar.generate(job)
+
+    async def repair(self, job: Job, draft_text: str) -> TextResult:
+        return await self.ar.repair(job, draft_text)
+
+    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.ar.stream(job):
+            yield chunk
+
+
+@serve.deployment(name="Validator")
+class ValidatorDeployment:
+    def __init__(self, args: ValidatorArgs):
+        from pipeline.local import LocalValidator
+        from pipeline.validation import default_registry, load_validator_factory
+
+        factories = {k: load_validator_factory(v) for k, v in args.validators.items()}
+        self.local = LocalValidator(default_registry(factories))
+
+    async def validate(self, constraint: Constraint, text: str) -> Verdict:
+        return await self.local.validate(constraint, text)
+
+
+class DraftHandle:
+    """``DraftService`` over a Drafter deployment handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def draft(self, job: Job) -> TextResult:
+        return await self.handle.draft.remote(job)
+
+    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.handle.options(stream=True).draft_stream.remote(job):
+            yield chunk
+
+    async def speculate(self, job: Job) -> TextResult:
+        return await self.handle.speculate.remote(job)
+
+    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.handle.options(stream=True).speculate_stream.remote(job):
+            yield chunk
+
+
+class ARHandle:
+    """``ARService`` over a Drafter (same weights) or Verifier deployment handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, job: Job) -> TextResult:
+        return await self.handle.generate.remote(job)
+
+    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        async for chunk in self.handle.options(stream=True).stream.remote(job):
+            yield chunk
+
+    async def repair(self, job: Job, draft_text: str) -> TextResult:
+        return await self.handle.repair.remote(job, draft_text)
+
+
+class ValidatorHandle:
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def validate(self, constraint: Constraint, text: str) -> Verdict:
+        return await self.handle.validate.remote(constraint, text)

@@ -1,0 +1,287 @@
+"""DiffusionGemma drafter: batched block diffusion with per-step hooks.
+
+The loop mirrors ``DiffusionGemmaForBlockDiffusion.generate`` (same sampler, temperature schedule,
+self-conditioning and stable-and-confident stopping; see ``kernels/sampler.py`` for the words), but
+keeps its state explicit per row so that:
+
+* a :class:`CanvasHook` can pin canvas positions to fixed tokens and mask the vocabulary per
+  position at every step (the validator's way in; a mask acts on logits, so it binds the committed
+  argmax, not only samples);
+* rows that hit ``<eos>`` or their token budget leave the batch, and each row reports its own
+  steps per canvas, tokens per forward and timings;
+* a callback sees every committed canvas (streaming by canvas).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from kernels.sampler import sampler_step
+
+SOFTCAP = 30.0
+
+
+@dataclass(frozen=True)
+class DraftSettings:
+    max_steps: int = 16  # denoising steps per canvas at most
+    entropy_bound: float = 0.1
+    t_min: float = 0.4  # temperature at the last step
+    t_max: float = 0.8  # temperature at the first step
+    stability_threshold: int = 1  # steps the argmax must repeat before stopping
+    confidence_threshold: float = 0.005  # mean entropy (nats) under which the canvas is confident
+
+    @classmethod
+    def from_generation_config(cls, gc) -> "DraftSettings":
+        sampler = getattr(gc, "sampler_config", None)
+        return cls(
+            max_steps=gc.max_denoising_steps or cls.max_steps,
+            entropy_bound=sampler.entropy_bound if sampler is not None else cls.entropy_bound,
+            t_min=gc.t_min if gc.t_min is not None else cls.t_min,
+            t_max=gc.t_max if gc.t_max is not None else cls.t_max,
+            stability_threshold=(gc.stability_threshold if gc.stability_threshold is not None
+                                 else cls.stability_threshold),
+            confidence_threshold=gc.confidence_threshold or cls.confidence_threshold,
+        )
+
+
+class CanvasHook(Protocol):
+    """Per-request control of denoising. ``committed`` is the request's output so far."""
+
+    def pins(self, canvas_index: int, committed: Sequence[int]) -> dict[int, int]:
+        """Canvas positions fixed to a token for the whole canvas: ``{position: token_id}``."""
+        ...
+
+    def mask(self, canvas_index: int, step: int, committed: Sequence[int],
+             logits: torch.Tensor) -> torch.Tensor | None:
+        """Allowed tokens [canvas, vocab] (bool) given this step's logits [canvas, vocab], or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class Draft:
+    token_ids: tuple[int, ...]  # output tokens, <eos> excluded
+    text: str
+    finished: bool  # True when <eos> was produced, False when the token budget ran out
+    steps_per_canvas: tuple[int, ...]  # decoder forwards spent on each committed canvas
+    tokens_per_forward: float  # (output tokens + <eos>) / decoder forwards
+    first_canvas_s: float  # time to the first committed canvas (time to first token)
+    total_s: float
+
+
+@dataclass
+class DraftRow:
+    """Per-request state of a draft: budget, hook and what was committed so far."""
+
+    prompt_len: int
+    budget: int
+    hook: CanvasHook | None
+    tokens: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    finished: bool = False
+    done: bool = False
+    first_canvas_s: float = 0.0
+    total_s: float = 0.0
+
+
+def softcapped(logits: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(logits.float() / SOFTCAP) * SOFTCAP
+
+
+class DiffusionDrafter:
+    """Drafts with a ``DiffusionGemmaForBlockDiffusion`` (any size: the tiny default or the 26B)."""
+
+    def __init__(self, model, tokenizer, settings: DraftSettings | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or DraftSettings.from_generation_config(model.generation_config)
+        self.canvas_length = int(model.config.canvas_length)
+        self.vocab_size = int(model.config.text_config.vocab_size)
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path=None, device: str = "auto", dtype: str = "auto",
+                        settings: DraftSettings | None = None) -> "DiffusionDrafter":
+        from .loading import load_diffusion_model
+
+        model, tokenizer = load_diffusion_model(path, device, dtype)
+        return cls(model, tokenizer, settings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _temperature(self, remaining: int, s: DraftSettings) -> float:
+        return s.t_min + (s.t_max - s.t_min) * (remaining / s.max_steps)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
+    def encode(self, cache, ids: torch.Tensor, mask: torch.Tensor, start: int) -> None:
+        """Run the causal encoder over ``ids`` [batch, n] at positions ``start..``, filling ``cache``."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        self.model.model.encoder.language_model(
+            input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache
+        )
+
+    @torch.inference_mode()
+    def draft(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int | Sequence[int] = 256,
+        hooks: Sequence[CanvasHook | None] | None = None,
+        seed: int | None = None,
+        on_canvas: Callable[[int, int, list[int]], None] | None = None,
+    ) -> list[Draft]:
+        """Draft continuations of token-id ``prompts`` (one batch).
+
+        ``on_canvas(row, canvas_index, new_token_ids)`` is called as each canvas is committed.
+        """
+        if not prompts:
+            return []
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(budgets) != len(prompts) or any(b <= 0 for b in budgets):
+            raise ValueError("max_new_tokens must be positive, one per prompt")
+        hooks = list(hooks) if hooks is not None else [None] * len(prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        dev = self.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        start = time.perf_counter()
+        rows = [DraftRow(len(p), b, h) for p, b, h in zip(prompts, budgets, hooks)]
+        canvas_len = self.canvas_length
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, p in enumerate(prompts):  # left padding: every row's answer starts at `width`
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = True
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = self.new_cache()
+        self.encode(cache, ids, mask, 0)
+        active = list(range(len(prompts)))  # batch index -> row index
+        cur_len = width
+
+        canvas_index = 0
+        while active:
+            committed = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, gen)
+            now = time.perf_counter() - start
+            for b, r in enumerate(active):
+                row = rows[r]
+                new = committed[b].tolist()[: row.budget - len(row.tokens)]
+                cut = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+                if cut is not None:
+                    new, row.finished = new[:cut], True
+                row.tokens.extend(new)
+                if canvas_index == 0:
+                    row.first_canvas_s = now
+                if on_canvas is not None:
+                    on_canvas(r, canvas_index, new)
+                if row.finished or len(row.tokens) >= row.budget:
+                    row.done, row.total_s = True, now
+            keep = [b for b, r in enumerate(active) if not rows[r].done]
+            if not keep:
+                break
+            # Commit: the canvas joins the encoder's context, finished rows leave the batch.
+            new_mask = torch.cat([mask, torch.ones(len(active), canvas_len, dtype=torch.bool, device=dev)], 1)
+            self.encode(cache, committed, new_mask, cur_len)
+            cur_len += canvas_len
+            if len(keep) < len(active):
+                cache.batch_select_indices(torch.tensor(keep, device=dev))
+                new_mask = new_mask[keep]
+            mask = new_mask
+            active = [active[b] for b in keep]
+            canvas_index += 1
+
+        drafts = []
+        for row in rows:
+            forwards = max(1, sum(row.steps))
+            produced = len(row.tokens) + (1 if row.finished else 0)
+            drafts.append(Draft(
+                token_ids=tuple(row.tokens),
+                text=self.tokenizer.decode(row.tokens, skip_special_tokens=True),
+                finished=row.finished,
+                steps_per_canvas=tuple(row.steps),
+                tokens_per_forward=produced / forwards,
+                first_canvas_s=row.first_canvas_s,
+                total_s=row.total_s,
+            ))
+        return drafts
+
+    def denoise_canvas(self, cache, ctx_mask: torch.Tensor, cur_len: int, rows: list[DraftRow],
+                       canvas_index: int, gen: torch.Generator, settings: DraftSettings | None = None,
+                       initial: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoise one canvas after the ``cur_len`` tokens in ``cache`` (``ctx_mask`` [batch, cur_len]
+        marks real ones) for the active ``rows``; returns the committed argmax [batch, canvas] and
+        appends the forwards spent to each row's ``steps``. ``initial`` [batch, canvas] starts the
+        canvas from known tokens instead of noise (-1 = noise), e.g. a previous draft's tail."""
+        s = settings or self.settings
+        dev = ctx_mask.device
+        bsz, canvas_len, vocab = len(rows), self.canvas_length, self.vocab_size
+        floor = torch.finfo(torch.float32).min
+
+        pin_ids = torch.full((bsz, canvas_len), -1, dtype=torch.long, device=dev)
+        for b, row in enumerate(rows):
+            if row.hook is not None:
+                for pos, tok in row.hook.pins(canvas_index, row.tokens).items():
+                    pin_ids[b, pos] = tok
+        pinned = pin_ids >= 0
+        pin_logits = torch.full((bsz, canvas_len, vocab), floor, device=dev)
+        pin_logits.scatter_(-1, pin_ids.clamp(min=0).unsqueeze(-1), 0.0)
+
+        canvas = torch.randint(0, vocab, (bsz, canvas_len), generator=gen, device=dev)
+        if initial is not None:
+            canvas = torch.where(initial >= 0, initial.to(dev), canvas)
+        canvas = torch.where(pinned, pin_ids, canvas)
+        dec_mask = torch.cat([ctx_mask, torch.ones(bsz, canvas_len, dtype=torch.bool, device=dev)], 1)
+        mask_mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
+            config=self.model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
+            decoder_attention_mask=dec_mask,
+        )
+        positions = torch.arange(cur_len, cur_len + canvas_len, device=dev).unsqueeze(0)
+        argmax = canvas
+        sc_logits = None
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        repeats = torch.zeros(bsz, dtype=torch.long, device=dev)
+        forwards = torch.zeros(bsz, dtype=torch.long, device=dev)
+        embed_dtype = self.model.model.decoder.embed_tokens.weight.dtype
+        for step, remaining in enumerate(range(s.max_steps, 0, -1)):
+            forwards += (~done).long()
+            out = self.model.model.decoder(
+                decoder_input_ids=canvas, cache=cache, self_conditioning_logits=sc_logits,
+                decoder_attention_mask=mask_mapping, decoder_position_ids=positions,
+            )
+            logits = softcapped(self.model.lm_head(out.last_hidden_state)) / self._temperature(remaining, s)
+            for b, row in enumerate(rows):
+                if row.hook is None or done[b]:
+                    continue
+                allowed = row.hook.mask(canvas_index, step, row.tokens, logits[b])
+                if allowed is not None:
+                    logits[b] = torch.where(allowed.to(dev), logits[b], floor)
+            logits = torch.where(pinned.unsqueeze(-1), pin_logits, logits)
+            st = sampler_step(logits, canvas, s.entropy_bound, gen)
+            same = (st.argmax == argmax).all(-1)
+            repeats = torch.where(done, repeats, torch.where(same, repeats + 1, torch.zeros_like(repeats)))
+            stable = repeats >= s.stability_threshold
+            confident = st.entropy.mean(-1) < s.confidence_threshold
+            keep = done.unsqueeze(-1)
+            canvas = torch.where(keep, canvas, st.canvas)
+            argmax = torch.where(keep, argmax, st.argmax)
+            new_sc = logits.to(embed_dtype)
+            sc_logits = new_sc if sc_logits is None else torch.where(keep.unsqueeze(-1), sc_logits, new_sc)
+            done = done | (stable & confident)
+            if bool(done.all()):
+                break
+        for b, row in enumerate(rows):
+            row.steps.append(int(forwards[b]))
+        return argmax

@@ -1,0 +1,184 @@
+"""Grammar-constrained decoding with xgrammar (one of vLLM's structured-output backends).
+
+* :meth:`GrammarEngine.processor`: a logits processor for AR decoding; its output is valid by
+  construction (up to the token budget) for every JSON Schema / regex the engine compiles;
+* :meth:`GrammarEngine.longest_prefix`: how many tokens of a draft the grammar still accepts
+  (the repair rule: AR continues under the grammar from there);
+* :class:`GrammarCanvasHook`: the grammar inside the denoising loop. Pins: the string the grammar
+  forces at the canvas start (``find_jump_forward_string``, e.g. ``{"name":"`` when ``name`` is
+  the first required key). Mask: each step, the canvas argmax is walked left to right through the
+  grammar; at the first position the grammar rejects, the logits are masked to what the grammar
+  allows there (so that position is re-drawn, not accepted), and after an accepted ``<eos>`` every
+  later position is masked to padding. Positions beyond the first violation stay free; the next
+  step walks again.
+
+JSON is compact (``,`` and ``:`` with no whitespace), as the checkpoint writes it. Compiled
+grammars are cached per constraint (xgrammar's compiler cache, keyed by the schema
+text); a compile that exceeds ``compile_timeout_s`` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Sequence
+
+import torch
+
+SUPPORTED = ("json_schema", "json_object", "regex")
+
+
+class GrammarError(ValueError):
+    """The constraint cannot be compiled (unsupported, too large or too slow)."""
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """xgrammar's int32 bitmask [n, ceil(V/32)] -> bool [n, V]."""
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+class GrammarEngine:
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
+                 compile_timeout_s: float = 2.0):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.compile_timeout_s = compile_timeout_s
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[eos_id])
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
+
+    @staticmethod
+    def supports(kind: str) -> bool:
+        return kind in SUPPORTED
+
+    def _compile_now(self, kind: str, spec: Any):
+        if kind == "json_schema":
+            return self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True,
+                                                     separators=(",", ":"))
+        if kind == "json_object":
+            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False,
+                                                     separators=(",", ":"))
+        if kind == "regex":
+            return self.compiler.compile_regex(spec)
+        raise GrammarError(f"no grammar for constraint kind {kind!r}")
+
+    def compile(self, kind: str, spec: Any):
+        """Compile (cached) or raise :class:`GrammarError` within ``compile_timeout_s``."""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["grammar"] = self._compile_now(kind, spec)
+            except Exception as e:  # xgrammar raises RuntimeError/ValueError on unsupported input
+                box["error"] = e
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(self.compile_timeout_s)
+        if worker.is_alive():
+            raise GrammarError(f"grammar compilation exceeded {self.compile_timeout_s:g} s")
+        if "error" in box:
+            raise GrammarError(f"cannot compile a grammar for this {kind}: {box['error']}")
+        return box["grammar"]
+
+    def matcher(self, kind: str, spec: Any, prefix: Sequence[int] = ()):
+        """A matcher advanced over ``prefix`` (raises ValueError if the grammar rejects it)."""
+        m = self.xgr.GrammarMatcher(self.compile(kind, spec))
+        for t in prefix:
+            if not m.accept_token(int(t)):
+                raise ValueError("prefix is not accepted by the grammar")
+        return m
+
+    def allowed(self, m) -> torch.Tensor:
+        """Bool [vocab] of the tokens the matcher accepts next."""
+        bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
+        m.fill_next_token_bitmask(bitmask)
+        return unpack_bitmask(bitmask, self.vocab_size)[0]
+
+    def longest_prefix(self, kind: str, spec: Any, ids: Sequence[int]) -> int:
+        m = self.xgr.GrammarMatcher(self.compile(kind, spec))
+        for i, t in enumerate(ids):
+            if not m.accept_token(int(t)):
+                return i
+        return len(ids)
+
+    def processor(self, kind: str, spec: Any, prefix: Sequence[int] = ()) -> "GrammarProcessor":
+        return GrammarProcessor(self, self.matcher(kind, spec, prefix))
+
+    def canvas_hook(self, kind: str, spec: Any, canvas_length: int) -> "GrammarCanvasHook":
+        return GrammarCanvasHook(self, self.compile(kind, spec), canvas_length)
+
+
+class GrammarProcessor:
+    """AR logits processor: feeds the tokens generated so far to the matcher, then masks the
+    next-token logits to what the grammar allows (only ``<eos>`` once the grammar is complete)."""
+
+    def __init__(self, engine: GrammarEngine, matcher):
+        self.engine = engine
+        self.matcher = matcher
+        self.seen = 0
+
+    def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        for t in generated[self.seen:]:
+            self.matcher.accept_token(int(t))
+        self.seen = len(generated)
+        allowed = self.engine.allowed(self.matcher).to(logits.device)
+        return logits.masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
+
+
+class GrammarCanvasHook:
+    """Drafter hook enforcing a grammar inside the denoising loop (see module doc)."""
+
+    def __init__(self, engine: GrammarEngine, compiled, canvas_length: int):
+        self.engine = engine
+        self.compiled = compiled
+        self.canvas_length = canvas_length
+        self.base = None  # matcher after the committed tokens, per canvas
+        self.masked_steps = 0
+
+    def _matcher_after(self, committed: Sequence[int]):
+        m = self.engine.xgr.GrammarMatcher(self.compiled)
+        for t in committed:
+            if not m.accept_token(int(t)):
+                return None  # committed text left the grammar (an unconstrained canvas); stop guiding
+        return m
+
+    def pins(self, canvas_index: int, committed: Sequence[int]) -> dict[int, int]:
+        self.base = self._matcher_after(committed)
+        if self.base is None:
+            return {}
+        forced = self.base.find_jump_forward_string()
+        if not forced:
+            return {}
+        ids = self.engine.tokenizer(forced, add_special_tokens=False)["input_ids"]
+        probe = self.base.fork()
+        pins: dict[int, int] = {}
+        for i, t in enumerate(ids[: self.canvas_length]):
+            if not probe.accept_token(int(t)):
+                break
+            pins[i] = int(t)
+        return pins
+
+    def mask(self, canvas_index: int, step: int, committed: Sequence[int], logits: torch.Tensor):
+        if self.base is None:
+            return None
+        m = self.base.fork()
+        argmax = logits.argmax(-1).tolist()
+        allowed = torch.ones(logits.shape, dtype=torch.bool)
+        for p, t in enumerate(argmax):
+            if m.is_terminated():  # after <eos>: the rest of the canvas is padding
+                allowed[p:] = False
+                allowed[p:, self.engine.pad_id] = True
+                allowed[p:, self.engine.eos_id] = True
+                break
+            if not m.accept_token(int(t)):
+                allowed[p] = self.engine.allowed(m)
+                self.masked_steps += 1
+                break
+        return allowed

@@ -1,0 +1,148 @@
+"""Speculative decoding with a DiffusionGemma drafter and an AR verifier, lossless at greedy.
+
+One round, with ``prefix`` the prompt plus everything accepted so far and ``c`` AR's greedy token
+after it (known from the previous forward):
+
+1. the drafter denoises a canvas after ``prefix`` with position 0 pinned to ``c``;
+2. the verifier runs ONE forward over the canvas (its cache already holds ``prefix``): the logits
+   at canvas position ``i`` give AR's greedy token after ``prefix + canvas[: i + 1]``;
+3. the accepted prefix is ``canvas[:k]``: ``canvas[0] = c`` always, then every position whose token
+   equals AR's greedy choice after the positions before it; the correction token is AR's greedy
+   token after ``canvas[:k]`` and becomes the next round's pinned position 0;
+4. the verifier's cache is cropped back to ``prefix + canvas[:k]``.
+
+Worked example: ``c = 7``, canvas ``[7, 4, 9, 2]``, greedy-after ``[4, 9, 5, 8]``: positions 1 and 2
+agree, position 3 does not (``2 != 5``), so ``k = 3``, the output grows by ``[7, 4, 9]`` and the next
+round pins ``5``. Every emitted token is an AR greedy token, so the output equals AR-only greedy
+decoding token for token; the drafter only decides how many tokens each forward yields.
+
+With the drafter's own weights as verifier (``DiffusionCausalLM`` on the same model) the verify
+forward IS the encoder pass that extends the drafter's context, so drafter and verifier share one
+cache and a round costs one encoder forward plus the denoising steps. With a separate causal LM the
+drafter's cache is extended by one extra encoder pass over the accepted tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .drafter import DiffusionDrafter, DraftRow, DraftSettings
+from .verifier import ARVerifier, DiffusionCausalLM
+
+
+@dataclass(frozen=True)
+class SpeculativeResult:
+    token_ids: tuple[int, ...]  # output tokens, <eos> excluded
+    text: str
+    finished: bool
+    drafts: int  # rounds (one canvas drafted and verified per round)
+    accepted: tuple[int, ...]  # tokens accepted per round (the pinned token included)
+    verifier_forwards: int  # prefill + one verify forward per round
+    denoising_steps: int
+    total_s: float
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / max(1, len(self.accepted))
+
+
+class SpeculativeDecoder:
+    def __init__(self, drafter: DiffusionDrafter, verifier: ARVerifier, draft_steps: int | None = None):
+        self.drafter = drafter
+        self.verifier = verifier
+        base = drafter.settings
+        self.settings = base if draft_steps is None else DraftSettings(**{**base.__dict__, "max_steps": draft_steps})
+        self.shared = isinstance(verifier.lm, DiffusionCausalLM) and verifier.lm.model is drafter.model
+        self.eos_ids = verifier.eos_ids
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int = 256, seed: int | None = 0,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> SpeculativeResult:
+        """Greedy output of the verifier for ``prompt``; ``on_tokens`` sees each round's output."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens <= 0:
+            raise ValueError("max_new_tokens must be positive")
+        start = time.perf_counter()
+        d, lm = self.drafter, self.verifier.lm
+        dev = d.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else 0)
+
+        ids = torch.tensor([prompt], device=dev)
+        vcache = lm.new_cache()
+        logits = lm.logits(ids, torch.ones_like(ids, dtype=torch.bool), 0, vcache)
+        dcache = vcache
+        if not self.shared:  # the drafter keeps its own context cache
+            dcache = d.new_cache()
+            d.encode(dcache, ids, torch.ones_like(ids, dtype=torch.bool), 0)
+        nxt = int(logits[0, -1].argmax())
+        cur = len(prompt)
+        out: list[int] = []
+        accepted: list[int] = []
+        forwards, steps, finished = 1, 0, False
+        while True:
+            if nxt in self.eos_ids:
+                finished = True
+                break
+            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=_PinFirst(nxt))
+            row.tokens = out
+            ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
+            canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), gen, self.settings)[0].tolist()
+            steps += row.steps[-1]
+            canvas = canvas[: max_new_tokens - len(out)]
+            cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
+            if cut is not None:
+                canvas = canvas[: cut + 1]
+            x = torch.tensor([canvas], device=dev)
+            vlog = lm.logits(x, torch.ones(1, cur + len(canvas), dtype=torch.bool, device=dev), cur, vcache)[0]
+            forwards += 1
+            greedy_after = vlog.argmax(-1).tolist()  # AR's token after prefix + canvas[: i + 1]
+            k = 1
+            while k < len(canvas) and canvas[k] == greedy_after[k - 1]:
+                k += 1
+            keep = canvas[:k]
+            if len(canvas) > k:
+                vcache.crop(-(len(canvas) - k))
+            if not self.shared:
+                kt = torch.tensor([keep], device=dev)
+                d.encode(dcache, kt, torch.ones(1, cur + k, dtype=torch.bool, device=dev), cur)
+            cur += k
+            accepted.append(k)
+            emitted = keep[:-1] if keep[-1] in self.eos_ids else keep
+            out.extend(emitted)
+            if on_tokens is not None and emitted:
+                on_tokens(list(emitted))
+            if keep[-1] in self.eos_ids:
+                finished = True
+                break
+            if len(out) >= max_new_tokens:
+                break
+            nxt = greedy_after[k - 1]
+        return SpeculativeResult(
+            token_ids=tuple(out),
+            text=d.tokenizer.decode(out, skip_special_tokens=True),
+            finished=finished,
+            drafts=len(accepted),
+            accepted=tuple(accepted),
+            verifier_forwards=forwards,
+            denoising_steps=steps,
+            total_s=time.perf_counter() - start,
+        )
+
+
+class _PinFirst:
+    """Canvas hook pinning position 0 to the verifier's known next token."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def pins(self, canvas_index, committed):
+        return {0: self.token}
+
+    def mask(self, canvas_index, step, committed, logits):
+        return None

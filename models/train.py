@@ -1,0 +1,222 @@
+"""Block-diffusion training of a tiny ``DiffusionGemmaForBlockDiffusion`` on the synthetic tasks.
+
+Objective per example (transformers ships no DiffusionGemma loss):
+
+* the answer (``target + <eos>``, padded with ``<pad>`` to whole canvases) is cut into canvases;
+  one canvas ``k`` is drawn among those holding answer tokens;
+* the causal encoder reads ``prompt + answer`` once; its KV cache is the decoder's context, masked
+  so that canvas ``k`` sees only ``prompt + answer[: k * canvas]`` (the encoder is causal, so the
+  keys before that point do not depend on what follows);
+* noise level ``t ~ U(eps, 1)``: each canvas token is replaced by a uniform random token with
+  probability ``t`` (no mask token, as in DiffusionGemma's sampler);
+* diffusion loss: cross-entropy of the decoder on all canvas positions;
+* self-conditioning on half of the batches: the decoder first runs without gradient, and its
+  logits are fed back through ``self_conditioning_logits``;
+* causal loss: next-token cross-entropy of the encoder (through the tied, softcapped head) on the
+  answer, so the same weights also decode autoregressively.
+
+Run: ``python -m models.train --out models/checkpoints/dg-tiny`` (see README for the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import tasks
+from .architecture import MICRO, TinySpec, build_config
+from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
+
+SOFTCAP = 30.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    encoder_ids: torch.Tensor  # [batch, seq] prompt + answer, right-padded with <pad>
+    encoder_mask: torch.Tensor  # [batch, seq] bool, True on real tokens
+    ar_labels: torch.Tensor  # [batch, seq] next-token labels on answer positions, -100 elsewhere
+    context_len: torch.Tensor  # [batch] tokens the drawn canvas may attend to
+    canvas_target: torch.Tensor  # [batch, canvas] clean tokens of the drawn canvas
+
+
+def make_batch(tokenizer, exs: list[tasks.Example], canvas_length: int, rng: random.Random) -> Batch:
+    rows, labels, ctx, canv = [], [], [], []
+    for ex in exs:
+        prompt = encode_prompt(tokenizer, ex.instruction)
+        answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [EOS_ID]
+        n_canvases = math.ceil(len(answer) / canvas_length)
+        k = rng.randrange(n_canvases)
+        padded = answer + [PAD_ID] * (n_canvases * canvas_length - len(answer))
+        seq = prompt + answer
+        rows.append(seq)
+        lab = [-100] * len(seq)
+        for i in range(len(prompt) - 1, len(seq) - 1):
+            lab[i] = seq[i + 1]
+        labels.append(lab)
+        ctx.append(len(prompt) + k * canvas_length)
+        canv.append(padded[k * canvas_length:(k + 1) * canvas_length])
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+        lab_t[i, : len(lab)] = torch.tensor(lab)
+    return Batch(ids, mask, lab_t, torch.tensor(ctx), torch.tensor(canv, dtype=torch.long))
+
+
+def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(hidden).float()
+    return torch.tanh(logits / SOFTCAP) * SOFTCAP
+
+
+def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float = 0.5,
+                  eps: float = 1e-3) -> tuple[torch.Tensor, dict[str, float]]:
+    from transformers import DynamicCache
+
+    cfg = model.config
+    vocab = cfg.text_config.vocab_size
+    bsz, width = batch.encoder_ids.shape
+    canvas = batch.canvas_target.shape[1]
+
+    cache = DynamicCache(config=cfg.get_text_config(decoder=True))
+    enc = model.model.encoder.language_model(
+        input_ids=batch.encoder_ids,
+        attention_mask=batch.encoder_mask.long(),
+        position_ids=torch.arange(width).unsqueeze(0).expand(bsz, -1),
+        cache=cache,
+    )
+    ar_logits = softcapped_logits(model, enc.last_hidden_state)
+    ar_loss = F.cross_entropy(ar_logits.reshape(-1, vocab), batch.ar_labels.reshape(-1), ignore_index=-100)
+
+    t = torch.rand(bsz, 1, generator=gen) * (1 - eps) + eps
+    noise = torch.rand(bsz, canvas, generator=gen) < t
+    random_tokens = torch.randint(0, vocab, (bsz, canvas), generator=gen)
+    noised = torch.where(noise, random_tokens, batch.canvas_target)
+
+    positions = torch.arange(width).unsqueeze(0)
+    visible = (positions < batch.context_len[:, None]) & batch.encoder_mask
+    dec_mask = torch.cat([visible, torch.ones(bsz, canvas, dtype=torch.bool)], dim=1)
+    dec_pos = batch.context_len[:, None] + torch.arange(canvas).unsqueeze(0)
+
+    def decode(sc_logits, sc_mask):
+        out = model.model.decoder(
+            decoder_input_ids=noised,
+            cache=cache,
+            self_conditioning_logits=sc_logits,
+            self_conditioning_mask=sc_mask,
+            decoder_attention_mask=dec_mask,
+            decoder_position_ids=dec_pos,
+        )
+        return softcapped_logits(model, out.last_hidden_state)
+
+    # Self-conditioning on a fraction of the batches (not rows), so the extra no-grad decoder
+    # pass is paid only where it is used.
+    sc_logits = None
+    if torch.rand(1, generator=gen).item() < self_cond_p:
+        with torch.no_grad():
+            sc_logits = decode(None, None).detach()
+    logits = decode(sc_logits, None)
+    diff_loss = F.cross_entropy(logits.reshape(-1, vocab), batch.canvas_target.reshape(-1))
+    loss = diff_loss + ar_loss
+    return loss, {"diffusion": diff_loss.item(), "ar": ar_loss.item()}
+
+
+def default_generation_config(max_new_tokens: int = 256):
+    from transformers import DiffusionGemmaGenerationConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    return DiffusionGemmaGenerationConfig(
+        max_new_tokens=max_new_tokens,
+        max_denoising_steps=16,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        bos_token_id=2,
+    )
+
+
+def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: float, seed: int,
+          tokenizer=None, max_minutes: float | None = None, progress: bool = True,
+          log_every: int = 50) -> tuple[object, object, list[float]]:
+    """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
+
+    Returns ``(model, tokenizer, losses)``.
+    """
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(tasks.corpus_lines(20000, seed), spec.vocab_size)
+    model = DiffusionGemmaForBlockDiffusion(build_config(spec))
+    model.config._attn_implementation = "sdpa"
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = max(1, min(200, steps // 10))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+    losses: list[float] = []
+    start = time.monotonic()
+    bar = tqdm(range(steps), disable=not progress, desc="train", mininterval=5)
+    for step in bar:
+        exs = [tasks.example("train", seed, step * batch_size + i) for i in range(batch_size)]
+        batch = make_batch(tokenizer, exs, spec.canvas_length, rng)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss, parts = loss_on_batch(model, batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", diff=f"{parts['diffusion']:.3f}", ar=f"{parts['ar']:.3f}")
+        if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
+            break
+    model.eval()
+    model.generation_config = default_generation_config()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return model, tokenizer, losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--micro", action="store_true", help="micro config for smoke runs")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    spec = MICRO if a.micro else TinySpec()
+    _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes)
+    print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
+
+
+if __name__ == "__main__":
+    main()

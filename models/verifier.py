@@ -1,0 +1,251 @@
+"""Autoregressive decoding and draft verification.
+
+Two weight sources behind one :class:`CausalLM` interface:
+
+* :class:`DiffusionCausalLM`: the DiffusionGemma checkpoint itself, decoding through its causal
+  encoder and tied softcapped head (no second copy of the weights);
+* :class:`TransformersCausalLM`: a separate transformers causal LM checkpoint (for instance the
+  same weights exported as ``Gemma4ForCausalLM`` by ``models.export_ar``).
+
+Verification rule (one forward over ``prefix + draft``): with ``g_i`` the greedy token after
+``prefix + draft[:i]``, the accepted length is the largest ``k`` with ``draft[:k] == g[:k]`` and the
+next token is ``g_k``: the correction where the draft first disagrees, or the bonus token after a
+fully accepted draft. Example: draft ``[5, 9, 4]``, greedy ``[5, 9, 7, 2]`` -> ``(2, 7)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+SOFTCAP = 30.0
+
+# A logits processor sees the tokens generated so far and the next-token logits [vocab].
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+
+class CausalLM(Protocol):
+    tokenizer: object
+    device: torch.device
+
+    def new_cache(self): ...
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Next-token logits [batch, n, vocab] (float32) for ``ids`` [batch, n] placed at positions
+        ``start..`` after what ``cache`` holds; ``mask`` [batch, start + n] marks real tokens."""
+        ...
+
+
+class DiffusionCausalLM:
+    """AR decoding with DiffusionGemma's causal encoder + tied lm_head + softcap."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
+    def logits(self, ids, mask, start, cache):
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model.model.encoder.language_model(
+            input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache
+        )
+        return torch.tanh(self.model.lm_head(out.last_hidden_state).float() / SOFTCAP) * SOFTCAP
+
+
+class TransformersCausalLM:
+    """AR decoding with any transformers ``AutoModelForCausalLM`` (softcap applied by the model)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def logits(self, ids, mask, start, cache):
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+                         past_key_values=cache, use_cache=True)
+        return out.logits.float()
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: tuple[int, ...]  # output tokens, <eos> excluded
+    text: str
+    finished: bool  # <eos> produced
+    first_token_s: float
+    total_s: float
+
+
+class ARVerifier:
+    """Greedy/sampled generation, token streaming and one-forward draft verification."""
+
+    def __init__(self, lm: CausalLM, eos_ids: Sequence[int] | None = None):
+        self.lm = lm
+        self.tokenizer = lm.tokenizer
+        eos = eos_ids if eos_ids is not None else [lm.tokenizer.eos_token_id]
+        self.eos_ids = frozenset(eos)
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_diffusion_model(cls, model, tokenizer) -> "ARVerifier":
+        return cls(DiffusionCausalLM(model, tokenizer), _eos_list(model, tokenizer))
+
+    @classmethod
+    def from_pretrained(cls, path=None, source: str = "diffusion", device: str = "auto",
+                        dtype: str = "auto") -> "ARVerifier":
+        """``source="diffusion"``: a DiffusionGemma checkpoint decoded through its encoder;
+        ``source="causal"``: a separate causal LM checkpoint."""
+        from .loading import DEFAULT_AR_CHECKPOINT, load_causal_model, load_diffusion_model
+
+        if source == "diffusion":
+            model, tokenizer = load_diffusion_model(path, device, dtype)
+            return cls.from_diffusion_model(model, tokenizer)
+        if source == "causal":
+            model, tokenizer = load_causal_model(path or DEFAULT_AR_CHECKPOINT, device, dtype)
+            return cls(TransformersCausalLM(model, tokenizer), _eos_list(model, tokenizer))
+        raise ValueError(f"unknown verifier source {source!r}; expected 'diffusion' or 'causal'")
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    # -- decoding ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _steps(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], temperature: float,
+               processors: Sequence[LogitsProcessor | None], seed: int | None
+               ) -> Iterator[tuple[list[int], list[int | None]]]:
+        """Yield, per decoding step, (row indices still running, their next token or None at end)."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        dev = self.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = True
+        ids, mask = ids.to(dev), mask.to(dev)
+        cache = self.lm.new_cache()
+        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
+        cur = width
+        active = list(range(len(prompts)))
+        generated: list[list[int]] = [[] for _ in prompts]
+        while active:
+            nxt = []
+            for b, r in enumerate(active):
+                row_logits = logits[b]
+                if processors[r] is not None:
+                    row_logits = processors[r](generated[r], row_logits)
+                if temperature > 0:
+                    probs = torch.softmax(row_logits / temperature, dim=-1)
+                    tok = int(torch.multinomial(probs, 1, generator=gen))
+                else:
+                    tok = int(row_logits.argmax())
+                nxt.append(tok)
+            ended = []
+            for b, (r, tok) in enumerate(zip(active, nxt)):
+                if tok in self.eos_ids:
+                    ended.append(b)
+                    nxt[b] = None
+                else:
+                    generated[r].append(tok)
+                    if len(generated[r]) >= budgets[r]:
+                        ended.append(b)
+            yield list(active), list(nxt)
+            keep = [b for b in range(len(active)) if b not in ended]
+            if not keep:
+                return
+            step_ids = torch.tensor([[t if t is not None else self.pad_id] for t in nxt], device=dev)
+            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
+            logits = self.lm.logits(step_ids, mask, cur, cache)[:, -1]
+            cur += 1
+            if len(keep) < len(active):
+                cache.batch_select_indices(torch.tensor(keep, device=dev))
+                mask, logits = mask[keep], logits[keep]
+            active = [active[b] for b in keep]
+
+    def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+               logits_processor: LogitsProcessor | None = None, seed: int | None = None) -> Iterator[int]:
+        """Yield output token ids one by one (``<eos>`` is not yielded)."""
+        _check_budget(max_new_tokens)
+        for _, toks in self._steps([prompt], [max_new_tokens], temperature, [logits_processor], seed):
+            if toks[0] is not None:
+                yield toks[0]
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 256,
+                 temperature: float = 0.0, logits_processors: Sequence[LogitsProcessor | None] | None = None,
+                 seed: int | None = None) -> list[Generation]:
+        """Batched generation (greedy at ``temperature == 0``)."""
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        for b in budgets:
+            _check_budget(b)
+        processors = list(logits_processors) if logits_processors is not None else [None] * len(prompts)
+        start = time.perf_counter()
+        out: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        first = [0.0] * len(prompts)
+        total = [0.0] * len(prompts)
+        for rows, toks in self._steps(prompts, budgets, temperature, processors, seed):
+            now = time.perf_counter() - start
+            for r, tok in zip(rows, toks):
+                if not out[r] and not finished[r]:
+                    first[r] = now
+                if tok is None:
+                    finished[r] = True
+                else:
+                    out[r].append(tok)
+                total[r] = now
+        return [Generation(tuple(o), self.tokenizer.decode(o, skip_special_tokens=True), f, a, t)
+                for o, f, a, t in zip(out, finished, first, total)]
+
+    # -- verification -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def greedy_after(self, prefix_ids: Sequence[int], draft_ids: Sequence[int]) -> list[int]:
+        """Greedy next tokens after ``prefix + draft[:i]`` for i = 0..len(draft), in one forward."""
+        if len(prefix_ids) == 0:
+            raise ValueError("prefix must hold at least one token")
+        seq = torch.tensor([list(prefix_ids) + list(draft_ids)], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(seq, dtype=torch.bool)
+        logits = self.lm.logits(seq, mask, 0, self.lm.new_cache())[0]
+        return logits[len(prefix_ids) - 1:].argmax(-1).tolist()
+
+    def verify(self, prefix_ids: Sequence[int], draft_ids: Sequence[int]) -> tuple[int, int]:
+        """``(accepted_len, next_token)`` for ``draft_ids`` after ``prefix_ids`` (see module doc)."""
+        greedy = self.greedy_after(prefix_ids, draft_ids)
+        k = 0
+        while k < len(draft_ids) and draft_ids[k] == greedy[k]:
+            k += 1
+        return k, greedy[k]
+
+
+def _check_budget(n: int) -> None:
+    if n <= 0:
+        raise ValueError("max_new_tokens must be positive")
+
+
+def _eos_list(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)

@@ -1,0 +1,212 @@
+"""The OpenAI-compatible surface as plain Python: raw request in, status + body (or SSE) out.
+
+The Ray ingress only moves bytes between FastAPI and this class, so every rule here (parsing,
+limits, model names, routing headers, error objects, streaming format) is testable without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pydantic import ValidationError
+
+from .api import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    RouteInfo,
+    Usage,
+)
+from .errors import BadRequest, ModelNotFound, PipelineError
+from .interfaces import Constraint, Job
+from .orchestrator import Pipeline
+from .router import RequestShape, RouteDecision
+from .validation import ConstraintError, ValidatorRegistry, default_registry
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_tokens: int = 512  # largest max_tokens a request may ask for
+    default_max_tokens: int = 256
+    max_prompt_chars: int = 32_000
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_reply(err: PipelineError) -> Reply:
+    body = ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
+    headers = {}
+    if err.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(err.retry_after)))
+    return Reply(err.status, body.model_dump(), headers=headers)
+
+
+def _pydantic_message(e: ValidationError) -> tuple[str, str | None]:
+    first = e.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",))
+    return f"{loc or 'body'}: {first.get('msg', 'invalid value')}", loc or None
+
+
+def _constraint(fmt) -> Constraint | None:
+    if fmt is None or not fmt.structured:
+        return None
+    if fmt.type == "json_schema":
+        return Constraint("json_schema", fmt.json_schema.schema_)
+    if fmt.type == "regex":
+        return Constraint("regex", fmt.regex.pattern)
+    if fmt.type == "sudoku":
+        return Constraint("sudoku", fmt.sudoku.puzzle)
+    return Constraint(fmt.type, None)
+
+
+class Gateway:
+    def __init__(self, pipeline: Pipeline, model_name: str, limits: Limits | None = None,
+                 registry: ValidatorRegistry | None = None):
+        self.pipeline = pipeline
+        self.model_name = model_name
+        self.limits = limits or Limits()
+        self.registry = registry or default_registry()
+
+    # -- endpoints ----------------------------------------------------------------------------
+    def models(self) -> Reply:
+        return Reply(200, ModelList(data=[ModelCard(id=self.model_name)]).model_dump())
+
+    def health(self) -> Reply:
+        drafter = self.pipeline.drafter is not None and self.pipeline.health.healthy()
+        return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
+                           "drafts_in_flight": self.pipeline.drafts_in_flight})
+
+    async def chat(self, raw: bytes) -> Reply:
+        return await self._handle(raw, ChatCompletionRequest, chat=True)
+
+    async def completions(self, raw: bytes) -> Reply:
+        return await self._handle(raw, CompletionRequest, chat=False)
+
+    # -- shared handling ------------------------------------------------------------------------
+    def parse(self, raw: bytes, model_cls):
+        try:
+            data = json.loads(raw or b"")
+        except ValueError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("request body must be a JSON object")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            msg, param = _pydantic_message(e)
+            raise BadRequest(msg, param=param) from None
+
+    def make_job(self, req, chat: bool) -> tuple[Job, RouteDecision]:
+        if req.model != self.model_name:
+            raise ModelNotFound(f"model {req.model!r} does not exist; available: [{self.model_name!r}]",
+                                param="model", code="model_not_found")
+        limit = req.token_limit()
+        if limit is None:
+            limit = min(self.limits.default_max_tokens, self.limits.max_tokens)
+        if limit > self.limits.max_tokens:
+            raise BadRequest(f"max_tokens {limit} exceeds this deployment's limit of {self.limits.max_tokens}",
+                             param="max_tokens")
+        try:
+            messages = tuple((m.role, m.text()) for m in req.messages) if chat else None
+        except ValueError as e:
+            raise BadRequest(str(e), param="messages") from None
+        prompt_chars = sum(len(c) for _, c in messages) if messages else len(req.prompt)
+        if prompt_chars > self.limits.max_prompt_chars:
+            raise BadRequest(f"prompt of {prompt_chars} characters exceeds the limit of "
+                             f"{self.limits.max_prompt_chars}", param="messages" if chat else "prompt")
+        constraint = _constraint(req.response_format)
+        if constraint is not None:
+            try:
+                self.registry.prepare(constraint)
+            except ConstraintError as e:
+                raise BadRequest(str(e), param="response_format") from None
+        job = Job(messages=messages, prompt=None if chat else req.prompt, max_tokens=limit,
+                  temperature=req.temperature, seed=req.seed, constraint=constraint,
+                  request_id=uuid.uuid4().hex)
+        shape = RequestShape(structured=constraint is not None, stream=req.stream,
+                             temperature=req.temperature, requested=req.route)
+        return job, self.pipeline.route(shape)
+
+    async def _handle(self, raw: bytes, model_cls, chat: bool) -> Reply:
+        try:
+            req = self.parse(raw, model_cls)
+            job, decision = self.make_job(req, chat)
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return Reply(200, stream=self._sse(job, decision, req.stop_list(), chat, include_usage),
+                             headers={"x-route": decision.header()})
+            outcome = await self.pipeline.run(job, decision, req.stop_list())
+        except PipelineError as e:
+            return error_reply(e)
+        r = outcome.result
+        usage = Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                      total_tokens=r.prompt_tokens + r.completion_tokens)
+        finish = "stop" if r.finished else "length"
+        route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
+        stats = {k: v for k, v in outcome.stats.items() if isinstance(v, (int, float, bool, str))}
+        if chat:
+            body = ChatCompletion(model=self.model_name, usage=usage, route=route, stats=stats,
+                                  choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])
+        else:
+            body = Completion(model=self.model_name, usage=usage, route=route, stats=stats,
+                              choices=[CompletionChoice(text=r.text, finish_reason=finish)])
+        return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
+
+    async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
+                   include_usage: bool) -> AsyncIterator[bytes]:
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        route = {"path": decision.path, "reason": decision.reason}
+
+        def frame(delta: dict | None, text: str | None, finish: str | None, usage: dict | None = None) -> bytes:
+            if chat:
+                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+                obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.model_name, "choices": choices, "route": route}
+            else:
+                choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish}]
+                obj = {"id": cid, "object": "text_completion", "created": created,
+                       "model": self.model_name, "choices": choices, "route": route}
+            if usage is not None:
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj)}\n\n".encode()
+
+        try:
+            if chat:
+                yield frame({"role": "assistant", "content": ""}, None, None)
+            final = None
+            async for chunk in self.pipeline.stream(job, decision, stops):
+                if chunk.text:
+                    yield frame({"content": chunk.text}, chunk.text, None)
+                if chunk.result is not None:
+                    final = chunk.result
+            finish = "stop" if final is None or final.finished else "length"
+            yield frame({}, "", finish)
+            if include_usage and final is not None:
+                usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
+                         "total_tokens": final.prompt_tokens + final.completion_tokens}
+                yield frame(None, None, None, usage)
+        except PipelineError as e:
+            yield f"data: {json.dumps(error_reply(e).body)}\n\n".encode()
+        except Exception:
+            body = ErrorResponse(error=ErrorBody(message="internal error while streaming", type="server_error"))
+            yield f"data: {json.dumps(body.model_dump())}\n\n".encode()
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,277 @@
+"""In-process backends: the model objects of ``models/`` behind the async service Protocols.
+
+The Ray deployments hold these too; tests and benchmarks use them directly. Model calls run in a
+worker thread so the event loop keeps serving while a batch denoises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+from .interfaces import Job, TextChunk, TextResult
+from .validation import ValidatorRegistry, default_registry
+
+
+def encode_job(tokenizer, job: Job) -> list[int]:
+    """Prompt token ids: the chat template for ``messages``, ``<bos>`` + text for ``prompt``."""
+    if job.messages is not None:
+        from models.tokenizer import encode_messages
+
+        return encode_messages(tokenizer, [{"role": r, "content": c} for r, c in job.messages])
+    ids = tokenizer(job.prompt or "", add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id] + list(ids)
+
+
+class TextDelta:
+    """Turns a growing token list into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
+class Cancelled(Exception):
+    """Raised inside a producer thread once its consumer went away."""
+
+
+async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], object]) -> AsyncIterator[object]:
+    """Run ``produce(emit)`` in a thread; yield what it emits, then its return value (as a tuple
+    ``("__result__", value)``). Exceptions in the thread re-raise here. When the consumer stops
+    early, the next ``emit`` raises :class:`Cancelled` in the thread, which ends the model call."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+    cancelled = threading.Event()
+
+    def put(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone
+            cancelled.set()
+
+    def emit(item) -> None:
+        if cancelled.is_set():
+            raise Cancelled()
+        put(item)
+
+    def run() -> None:
+        try:
+            put(("__result__", produce(emit)))
+        except Cancelled:
+            pass
+        except BaseException as e:  # re-raised on the event loop side
+            put(("__error__", e))
+        finally:
+            put(done)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                return
+            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
+                raise item[1]
+            yield item
+    finally:
+        cancelled.set()
+
+
+def draft_stats(d) -> dict:
+    return {
+        "canvases": len(d.steps_per_canvas),
+        "denoising_steps": sum(d.steps_per_canvas),
+        "steps_per_canvas": round(sum(d.steps_per_canvas) / max(1, len(d.steps_per_canvas)), 2),
+        "tokens_per_forward": round(d.tokens_per_forward, 2),
+        "first_chunk_s": round(d.first_canvas_s, 4),
+        "draft_s": round(d.total_s, 4),
+    }
+
+
+def speculative_stats(r) -> dict:
+    return {
+        "drafts": r.drafts,
+        "mean_accepted": round(r.mean_accepted, 3),
+        "verifier_forwards": r.verifier_forwards,
+        "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
+        "denoising_steps": r.denoising_steps,
+        "verify_s": round(r.total_s, 4),
+    }
+
+
+class LocalDrafter:
+    """``DraftService`` over a :class:`models.drafter.DiffusionDrafter`; ``speculative`` (a
+    :class:`models.speculative.SpeculativeDecoder` over the same drafter) serves the verify route."""
+
+    def __init__(self, drafter, speculative=None, grammar=None):
+        self.drafter = drafter
+        self.tokenizer = drafter.tokenizer
+        self.speculative = speculative
+        self.grammar = grammar  # canvas-aware drafting for constrained jobs when set
+
+    def _hook(self, job: Job):
+        c = job.constraint
+        if c is None or self.grammar is None or not self.grammar.supports(c.kind):
+            return None
+        return self.grammar.canvas_hook(c.kind, c.spec, self.drafter.canvas_length)
+
+    def _spec(self):
+        if self.speculative is None:
+            raise RuntimeError("this drafter has no verifier for the verify route")
+        return self.speculative
+
+    def speculate_sync(self, job: Job) -> TextResult:
+        prompt = encode_job(self.tokenizer, job)
+        r = self._spec().generate(prompt, job.max_tokens, seed=job.seed)
+        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
+    async def speculate(self, job: Job) -> TextResult:
+        return await asyncio.to_thread(self.speculate_sync, job)
+
+    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        prompt = encode_job(self.tokenizer, job)
+        delta = TextDelta(self.tokenizer)
+
+        def produce(emit):
+            return self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit)
+
+        async for item in _iterate_in_thread(produce):
+            if isinstance(item, tuple) and item[0] == "__result__":
+                r = item[1]
+                yield TextChunk("", TextResult(r.text, len(prompt), len(r.token_ids), r.finished,
+                                               speculative_stats(r)))
+            else:
+                piece = delta.push(item)
+                if piece:
+                    yield TextChunk(piece)
+
+    def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
+        """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""
+        prompts = [encode_job(self.tokenizer, j) for j in jobs]
+        seed = next((j.seed for j in jobs if j.seed is not None), None)
+        hooks = [self._hook(j) for j in jobs]
+        drafts = self.drafter.draft(prompts, max_new_tokens=[j.max_tokens for j in jobs], hooks=hooks, seed=seed)
+        return [TextResult(d.text, len(p), len(d.token_ids), d.finished,
+                           {**draft_stats(d), "batch_size": len(jobs), "canvas_guided": h is not None})
+                for p, d, h in zip(prompts, drafts, hooks)]
+
+    async def draft_many(self, jobs: Sequence[Job]) -> list[TextResult]:
+        return await asyncio.to_thread(self.draft_many_sync, list(jobs))
+
+    async def draft(self, job: Job) -> TextResult:
+        return (await self.draft_many([job]))[0]
+
+    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        prompt = encode_job(self.tokenizer, job)
+        delta = TextDelta(self.tokenizer)
+
+        def produce(emit):
+            return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, seed=job.seed,
+                                      on_canvas=lambda row, idx, new: emit(list(new)))[0]
+
+        async for item in _iterate_in_thread(produce):
+            if isinstance(item, tuple) and item[0] == "__result__":
+                d = item[1]
+                yield TextChunk("", TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d)))
+            else:
+                piece = delta.push(item)
+                if piece:
+                    yield TextChunk(piece)
+
+
+class LocalAR:
+    """``ARService`` over a :class:`models.verifier.ARVerifier`.
+
+    With a ``grammar`` (:class:`models.grammar.GrammarEngine`), jobs with a constraint the engine
+    supports decode under it, valid by construction; ``repair`` continues a draft under the
+    grammar from the longest prefix the grammar accepts.
+    """
+
+    def __init__(self, verifier, grammar=None):
+        self.verifier = verifier
+        self.tokenizer = verifier.tokenizer
+        self.grammar = grammar
+
+    def constrains(self, job: Job) -> bool:
+        return job.constraint is not None and self.grammar is not None and self.grammar.supports(job.constraint.kind)
+
+    def _processor(self, job: Job, prefix: Sequence[int] = ()):
+        if not self.constrains(job):
+            return None
+        return self.grammar.processor(job.constraint.kind, job.constraint.spec, prefix)
+
+    def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
+        processor = self._processor(job, prefix)
+        g = self.verifier.generate([prompt + prefix], max_new_tokens=budget, temperature=job.temperature,
+                                   logits_processors=[processor], seed=job.seed)[0]
+        ids = prefix + list(g.token_ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return TextResult(text, len(prompt), len(ids), g.finished,
+                          {"first_token_s": round(g.first_token_s, 4), "ar_s": round(g.total_s, 4),
+                           "constrained": processor is not None})
+
+    def generate_sync(self, job: Job) -> TextResult:
+        return self._run(job, encode_job(self.tokenizer, job), [], job.max_tokens)
+
+    def repair_sync(self, job: Job, draft_text: str) -> TextResult:
+        """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""
+        prompt = encode_job(self.tokenizer, job)
+        if not self.constrains(job):
+            return self.generate_sync(job)
+        ids = self.tokenizer(draft_text, add_special_tokens=False)["input_ids"][: job.max_tokens - 1]
+        keep = self.grammar.longest_prefix(job.constraint.kind, job.constraint.spec, ids)
+        result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
+        return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
+                          {**result.stats, "repair_reused_tokens": keep, "draft_tokens": len(ids)})
+
+    async def repair(self, job: Job, draft_text: str) -> TextResult:
+        return await asyncio.to_thread(self.repair_sync, job, draft_text)
+
+    async def generate(self, job: Job) -> TextResult:
+        return await asyncio.to_thread(self.generate_sync, job)
+
+    def _token_iter(self, job: Job, prompt: list[int]) -> Iterator[int]:
+        return self.verifier.stream(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature,
+                                    logits_processor=self._processor(job), seed=job.seed)
+
+    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        prompt = encode_job(self.tokenizer, job)
+        delta = TextDelta(self.tokenizer)
+
+        def produce(emit):
+            n = 0
+            for tok in self._token_iter(job, prompt):
+                n += 1
+                emit([tok])
+            return n
+
+        async for item in _iterate_in_thread(produce):
+            if isinstance(item, tuple) and item[0] == "__result__":
+                n = item[1]
+                text = self.tokenizer.decode(delta.ids, skip_special_tokens=True)
+                yield TextChunk("", TextResult(text, len(prompt), n, n < job.max_tokens, {}))
+            else:
+                piece = delta.push(item)
+                if piece:
+                    yield TextChunk(piece)
+
+
+class LocalValidator:
+    """``ValidationService`` over a :class:`ValidatorRegistry`."""
+
+    def __init__(self, registry: ValidatorRegistry | None = None):
+        self.registry = registry or default_registry()
+
+    async def validate(self, constraint, text):
+        return self.registry.validate(constraint, text)

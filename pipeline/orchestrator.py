@@ -1,0 +1,212 @@
+"""Orchestration of each path: draft -> validate -> repair/fallback, AR, streaming.
+
+Guarantee for structured requests: an answer is returned as a success only after the validator
+accepted it; otherwise the pipeline repairs or falls back on AR, and answers
+:class:`OutputInvalid` (HTTP 422, with the validation messages) when that fails too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Callable
+
+from .errors import OutputInvalid, Unavailable
+from .interfaces import ARService, DraftService, Job, TextChunk, TextResult, ValidationService
+from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
+
+
+@dataclass
+class DrafterHealth:
+    """Circuit breaker: after ``max_failures`` consecutive drafter errors the drafter leaves
+    rotation for ``cooldown_s``; the first request after that probes it back."""
+
+    max_failures: int = 1
+    cooldown_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    open_until: float = 0.0
+
+    def healthy(self) -> bool:
+        return self.clock() >= self.open_until
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.max_failures:
+            self.open_until = self.clock() + self.cooldown_s
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: TextResult
+    decision: RouteDecision
+    stats: dict = field(default_factory=dict)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop sequence; True when one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+class StopScanner:
+    """Streams text while holding back the tail that could still grow into a stop sequence."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buffer = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        self.buffer += piece
+        text, hit = cut_at_stop(self.buffer, self.stops)
+        if hit:
+            self.stopped, self.buffer = True, ""
+            return text
+        if self.hold == 0:
+            out, self.buffer = self.buffer, ""
+            return out
+        out, self.buffer = self.buffer[: -self.hold], self.buffer[-self.hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+@dataclass(frozen=True)
+class StructuredPolicy:
+    # after a failed repair: "fallback" = a from-scratch constrained AR answer, "error" = 422
+    on_repair_failure: str = "fallback"
+
+
+class Pipeline:
+    def __init__(self, drafter: DraftService | None, ar: ARService, validator: ValidationService,
+                 policy: RouterPolicy | None = None, health: DrafterHealth | None = None,
+                 structured: StructuredPolicy | None = None):
+        self.drafter = drafter
+        self.ar = ar
+        self.validator = validator
+        self.policy = policy or RouterPolicy()
+        self.health = health or DrafterHealth()
+        self.structured = structured or StructuredPolicy()
+        self.drafts_in_flight = 0
+
+    # -- routing ----------------------------------------------------------------------------
+    def route(self, shape: RequestShape) -> RouteDecision:
+        load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy())
+        return choose_route(shape, load, self.policy)
+
+    # -- non-streaming ----------------------------------------------------------------------
+    async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None) -> Outcome:
+        stops = stops or []
+        stats: dict = {}
+        if decision.path == "ar":
+            result = await self.ar.generate(job)
+            stats.update(result.stats)
+        else:
+            result, decision = await self._draft_or_ar(job, decision, stats)
+        result = _apply_stops(result, stops)
+        if job.constraint is not None:
+            result = await self._ensure_valid(job, result, stops, stats)
+        return Outcome(result, decision, stats)
+
+    async def _draft_or_ar(self, job: Job, decision: RouteDecision, stats: dict
+                           ) -> tuple[TextResult, RouteDecision]:
+        if self.drafter is None:
+            raise Unavailable("no drafter is configured")
+        call = self.drafter.speculate if decision.path == "verify" else self.drafter.draft
+        self.drafts_in_flight += 1
+        try:
+            result = await call(job)
+        except Exception as e:  # a failing drafter replica must not fail the request
+            self.health.failure()
+            stats["drafter_error"] = type(e).__name__
+            result = await self.ar.generate(job)
+            return result, RouteDecision("ar", f"drafter failed ({type(e).__name__}); served by AR")
+        finally:
+            self.drafts_in_flight -= 1
+        self.health.success()
+        stats.update(result.stats)
+        return result, decision
+
+    async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: dict) -> TextResult:
+        """Validate; if invalid, repair from the longest good prefix; then, by policy, a
+        from-scratch constrained AR answer; else :class:`OutputInvalid`. Never an invalid success."""
+        verdict = await self.validator.validate(job.constraint, result.text)
+        stats["draft_valid"] = verdict.ok
+        errors = list(verdict.errors)
+        candidates = [("repair", lambda: self.ar.repair(job, result.text))]
+        if self.structured.on_repair_failure == "fallback":
+            candidates.append(("fallback", lambda: self.ar.generate(job)))
+        while not verdict.ok and candidates:
+            name, attempt = candidates.pop(0)
+            stats[f"{name}_used"] = True
+            result = _apply_stops(await attempt(), stops)
+            for key in ("repair_reused_tokens", "draft_tokens"):
+                if name == "repair" and key in result.stats:
+                    stats[key] = result.stats[key]
+            verdict = await self.validator.validate(job.constraint, result.text)
+            errors += verdict.errors
+        if not verdict.ok:
+            raise OutputInvalid("no answer satisfying the response_format was produced: "
+                                + "; ".join(errors[:4]), code="validation_failed")
+        stats["validated"] = True
+        return result
+
+    # -- streaming --------------------------------------------------------------------------
+    async def stream(self, job: Job, decision: RouteDecision, stops: list[str] | None = None
+                     ) -> AsyncIterator[TextChunk]:
+        """Chunks of the answer; the last one carries the result. Structured answers are sent
+        only once validated (one chunk), so a stream never shows an invalid answer."""
+        stops = stops or []
+        if job.constraint is not None:
+            outcome = await self.run(job, decision, stops)
+            yield TextChunk(outcome.result.text, outcome.result)
+            return
+        scanner = StopScanner(stops)
+        if decision.path == "ar":
+            source = self.ar.stream(job)
+        elif self.drafter is None:
+            raise Unavailable("no drafter is configured")
+        elif decision.path == "verify":
+            source = self.drafter.speculate_stream(job)
+        else:
+            source = self.drafter.draft_stream(job)
+        final: TextResult | None = None
+        sent = ""
+        self.drafts_in_flight += decision.path != "ar"
+        try:
+            async for chunk in source:
+                if chunk.result is not None:
+                    final = chunk.result
+                    break
+                piece = scanner.push(chunk.text)
+                if piece:
+                    sent += piece
+                    yield TextChunk(piece)
+                if scanner.stopped:
+                    break
+        finally:
+            self.drafts_in_flight -= decision.path != "ar"
+            if hasattr(source, "aclose"):
+                await source.aclose()
+        tail = "" if scanner.stopped else scanner.flush()
+        if tail:
+            sent += tail
+            yield TextChunk(tail)
+        if final is None:
+            final = TextResult(sent, 0, 0, True, {})
+        yield TextChunk("", replace(final, text=sent, finished=final.finished or scanner.stopped))
+
+
+def _apply_stops(result: TextResult, stops: list[str]) -> TextResult:
+    if not stops:
+        return result
+    text, hit = cut_at_stop(result.text, stops)
+    return replace(result, text=text, finished=result.finished or hit) if hit else result

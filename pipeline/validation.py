@@ -1,0 +1,230 @@
+"""Constraint validators and their registry.
+
+A validator checks a finished answer text against a :class:`Constraint` and says why it fails.
+``prepare`` runs once per request at the edge (so a broken schema is a 400 before any model runs);
+``validate`` runs on drafts and repairs. Compiled validators are cached by a hash of the spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from typing import Any, Callable, Protocol
+
+from .interfaces import Constraint, Verdict
+from .json_spans import value_spans
+
+
+class ConstraintError(ValueError):
+    """The constraint itself is unusable (a 400 for the client)."""
+
+
+class Validator(Protocol):
+    def prepare(self, spec: Any) -> None:
+        """Raise :class:`ConstraintError` naming the problem if ``spec`` cannot be used."""
+        ...
+
+    def validate(self, spec: Any, text: str) -> Verdict: ...
+
+
+def spec_key(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@lru_cache(maxsize=512)
+def _compiled_schema(key: str, schema_json: str):
+    from jsonschema.validators import validator_for
+
+    schema = json.loads(schema_json)
+    cls = validator_for(schema)
+    return cls(schema)
+
+
+def compiled_schema(schema: Any):
+    text = json.dumps(schema, sort_keys=True)
+    return _compiled_schema(spec_key(schema), text)
+
+
+def _json_path(path) -> str:
+    out = "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def nesting_depth(value: Any) -> int:
+    """Depth of nested objects/arrays (iterative, so a hostile document cannot blow the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+class JsonSchemaValidator:
+    """JSON Schema, draft picked from ``$schema``; errors carry their JSON path and the span of the
+    answer they point at. Size and nesting caps keep one hostile schema from stalling a replica."""
+
+    def __init__(self, max_schema_bytes: int = 64_000, max_depth: int = 24):
+        self.max_schema_bytes = max_schema_bytes
+        self.max_depth = max_depth
+
+    def prepare(self, spec: Any) -> None:
+        from jsonschema.exceptions import SchemaError
+        from jsonschema.validators import validator_for
+
+        if not isinstance(spec, (dict, bool)):
+            raise ConstraintError("response_format.json_schema.schema must be a JSON object")
+        size = len(json.dumps(spec))
+        if size > self.max_schema_bytes:
+            raise ConstraintError(f"JSON Schema of {size} bytes exceeds the limit of {self.max_schema_bytes}")
+        depth = nesting_depth(spec)
+        if depth > self.max_depth:
+            raise ConstraintError(f"JSON Schema nesting depth {depth} exceeds the limit of {self.max_depth}")
+        try:
+            validator_for(spec).check_schema(spec)
+        except SchemaError as e:
+            where = _json_path(e.path)
+            raise ConstraintError(f"invalid JSON Schema at {where}: {e.message}") from None
+
+    def validate(self, spec: Any, text: str) -> Verdict:
+        try:
+            instance = json.loads(text)
+        except ValueError as e:
+            return Verdict(False, (f"not JSON: {e}",))
+        errors = sorted(compiled_schema(spec).iter_errors(instance), key=lambda e: [str(p) for p in e.path])[:10]
+        if not errors:
+            return Verdict(True)
+        spans = value_spans(text)
+        where = [spans.get(tuple(e.path), (0, len(text))) for e in errors]
+        return Verdict(False,
+                       tuple(f"{_json_path(e.path)} (chars {a}-{b}): {e.message}" for e, (a, b) in zip(errors, where)),
+                       tuple(_json_path(e.path) for e in errors), tuple(where))
+
+
+class JsonObjectValidator:
+    def prepare(self, spec: Any) -> None:
+        return None
+
+    def validate(self, spec: Any, text: str) -> Verdict:
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            return Verdict(False, (f"not JSON: {e}",))
+        if not isinstance(value, dict):
+            return Verdict(False, (f"$: expected a JSON object, got {type(value).__name__}",))
+        return Verdict(True)
+
+
+class RegexValidator:
+    """Full match of the whole answer, with a time cap against catastrophic backtracking."""
+
+    def __init__(self, timeout_s: float = 1.0, max_pattern_chars: int = 2000):
+        self.timeout_s = timeout_s
+        self.max_pattern_chars = max_pattern_chars
+
+    def prepare(self, spec: Any) -> None:
+        import regex
+
+        if not isinstance(spec, str) or not spec:
+            raise ConstraintError("response_format.regex.pattern must be a non-empty string")
+        if len(spec) > self.max_pattern_chars:
+            raise ConstraintError(f"regex pattern longer than {self.max_pattern_chars} characters")
+        try:
+            regex.compile(spec)
+        except regex.error as e:
+            raise ConstraintError(f"invalid regex pattern: {e}") from None
+
+    def validate(self, spec: Any, text: str) -> Verdict:
+        import regex
+
+        try:
+            ok = regex.fullmatch(spec, text, timeout=self.timeout_s) is not None
+        except TimeoutError:
+            return Verdict(False, (f"regex match exceeded {self.timeout_s:g} s",))
+        return Verdict(ok, () if ok else ("answer does not fully match the pattern",))
+
+
+class SudokuValidator:
+    """An 81-character board (row-major, digits 1-9) that keeps the puzzle's clues (puzzle uses
+    ``0`` or ``.`` for blanks) and has no repeated digit in any row, column or 3x3 box."""
+
+    def prepare(self, spec: Any) -> None:
+        if not isinstance(spec, str) or len(spec) != 81 or any(c not in "0123456789." for c in spec):
+            raise ConstraintError("sudoku puzzle must be 81 characters of digits, with 0 or . for blanks")
+        problems = self._conflicts(spec.replace(".", "0"))
+        if problems:
+            raise ConstraintError(f"sudoku puzzle breaks its own rules: {problems[0]}")
+
+    @staticmethod
+    def _conflicts(board: str) -> list[str]:
+        units = [("row", r, [r * 9 + c for c in range(9)]) for r in range(9)]
+        units += [("column", c, [r * 9 + c for r in range(9)]) for c in range(9)]
+        units += [("box", b, [(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)]) for b in range(9)]
+        out = []
+        for name, idx, cells in units:
+            digits = [board[i] for i in cells if board[i] != "0"]
+            dup = sorted({d for d in digits if digits.count(d) > 1})
+            if dup:
+                out.append(f"{name} {idx + 1} repeats {', '.join(dup)}")
+        return out
+
+    def validate(self, spec: Any, text: str) -> Verdict:
+        board = "".join(text.split())
+        if len(board) != 81 or any(c not in "123456789" for c in board):
+            return Verdict(False, ("board must be 81 digits 1-9",))
+        errors = [f"cell {i + 1} must keep clue {c}" for i, (c, b) in enumerate(zip(spec, board))
+                  if c not in "0." and c != b]
+        errors += self._conflicts(board)
+        return Verdict(not errors, tuple(errors[:10]))
+
+
+class ValidatorRegistry:
+    """Validators by constraint kind; custom ones register by name (from config)."""
+
+    def __init__(self) -> None:
+        self._validators: dict[str, Validator] = {}
+
+    def register(self, kind: str, validator: Validator) -> None:
+        self._validators[kind] = validator
+
+    def kinds(self) -> list[str]:
+        return sorted(self._validators)
+
+    def get(self, kind: str) -> Validator:
+        if kind not in self._validators:
+            raise ConstraintError(f"unsupported response_format type {kind!r}; supported: {self.kinds()}")
+        return self._validators[kind]
+
+    def prepare(self, constraint: Constraint) -> None:
+        self.get(constraint.kind).prepare(constraint.spec)
+
+    def validate(self, constraint: Constraint, text: str) -> Verdict:
+        return self.get(constraint.kind).validate(constraint.spec, text)
+
+
+def default_registry(extra: dict[str, Callable[[], Validator]] | None = None) -> ValidatorRegistry:
+    reg = ValidatorRegistry()
+    reg.register("json_schema", JsonSchemaValidator())
+    reg.register("json_object", JsonObjectValidator())
+    reg.register("regex", RegexValidator())
+    reg.register("sudoku", SudokuValidator())
+    for name, factory in (extra or {}).items():
+        reg.register(name, factory())
+    return reg
+
+
+def load_validator_factory(dotted: str) -> Callable[[], Validator]:
+    """``package.module:ClassName`` -> a zero-argument factory (for validators named in config)."""
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    if not module or not attr:
+        raise ValueError(f"validator path must look like 'package.module:Name', got {dotted!r}")
+    return getattr(importlib.import_module(module), attr)

@@ -1,0 +1,59 @@
+"""`ray start` + `serve deploy serve_config.yaml` exactly as the README says, on 127.0.0.1."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def cli(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+@pytest.fixture
+def ray_head():
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    start = subprocess.run(
+        [cli("ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+         "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield env
+    subprocess.run([cli("serve"), "shutdown", "-y", "-a", "http://127.0.0.1:8265"], env=env,
+                   capture_output=True, timeout=120)
+    subprocess.run([cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_serve_deploy_the_committed_config(ray_head):
+    env = ray_head
+    deploy = subprocess.run([cli("serve"), "deploy", "serve_config.yaml", "-a", "http://127.0.0.1:8265"],
+                            env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    status = None
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        out = subprocess.run([cli("serve"), "status", "-a", "http://127.0.0.1:8265"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        doc = yaml.safe_load(out.stdout) or {}
+        status = (doc.get("applications") or {}).get("dgserve", {}).get("status")
+        if status in ("RUNNING", "DEPLOY_FAILED"):
+            break
+        time.sleep(3)
+    assert status == "RUNNING", out.stdout
+    r = requests.post("http://127.0.0.1:8000/v1/chat/completions", timeout=120, json={
+        "model": "dgserve-tiny", "max_tokens": 32,
+        "messages": [{"role": "user", "content": "Describe Paris in a few words."}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].strip()
+    assert r.headers["x-route"].startswith("diffusion")

@@ -1,0 +1,57 @@
+"""The real application under ``serve.run`` (real tiny checkpoint), on 127.0.0.1 only."""
+
+import os
+import socket
+import time
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def app_url(ray_cluster):
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"drafter": {"device": "cpu", "dtype": "float32"},
+            "limits": {"max_tokens": 256, "default_max_tokens": 128}}
+    serve.run(build_app(args), name="dgserve", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    import requests
+
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    yield url
+    serve.delete("dgserve")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0, timeout=120)

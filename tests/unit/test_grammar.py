@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from jsonschema.validators import validator_for
+
+from models import tasks
+from models.grammar import GrammarEngine, GrammarError
+from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
+
+
+@pytest.fixture(scope="module")
+def engine(dg):
+    model, tok = dg
+    return GrammarEngine(tok, model.config.text_config.vocab_size, EOS_ID, PAD_ID)
+
+
+def forced_text(engine, schema):
+    hook = engine.canvas_hook("json_schema", schema, 64)
+    pins = hook.pins(0, [])
+    assert sorted(pins) == list(range(len(pins)))
+    return engine.tokenizer.decode([pins[i] for i in sorted(pins)])
+
+
+def test_seeded_canvas_nested_object(engine):
+    schema = {"type": "object", "required": ["address"], "properties": {
+        "address": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+    assert forced_text(engine, schema) == '{"address":{"city":"'
+
+
+def test_seeded_canvas_array_and_enum(engine):
+    arr = {"type": "object", "required": ["tags"], "properties": {"tags": {"type": "array", "items": {"type": "string"}}}}
+    assert forced_text(engine, arr).startswith('{"tags":[')
+    enum = {"type": "object", "required": ["mode", "n"], "properties": {
+        "mode": {"type": "string", "enum": ["manual"]}, "n": {"type": "integer"}}}
+    assert forced_text(engine, enum) == '{"mode":"manual","n":'
+
+
+def test_optional_first_property_pins_only_the_brace(engine):
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    assert forced_text(engine, schema) == "{"
+
+
+def test_longest_grammar_accepted_prefix(engine):
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["age"], "properties": {"age": {"type": "integer"}}}
+    good = tok('{"age":41}', add_special_tokens=False)["input_ids"]
+    assert engine.longest_prefix("json_schema", schema, good) == len(good)
+    bad = tok('{"age":"41"}', add_special_tokens=False)["input_ids"]
+    k = engine.longest_prefix("json_schema", schema, bad)
+    # the first token carrying the string's opening quote is refused (with this vocabulary the
+    # key's closing quote and ':' may share that token)
+    assert tok.decode(bad[:k]) in ('{"age', '{"age":')
+    assert '"' in tok.decode(bad[k:k + 1]) and 0 < k < len(bad)
+    assert engine.longest_prefix("json_schema", schema, tok("[", add_special_tokens=False)["input_ids"]) == 0
+
+
+def test_constrained_ar_is_valid_by_construction(engine, verifier):
+    exs = list(tasks.examples("eval", 41, 12, kind="json"))
+    for ex in exs:
+        prompt = encode_prompt(verifier.tokenizer, ex.instruction)
+        proc = engine.processor("json_schema", ex.schema)
+        out = verifier.generate([prompt], max_new_tokens=200, logits_processors=[proc])[0]
+        assert out.finished, out.text
+        validator_for(ex.schema)(ex.schema).validate(json.loads(out.text))
+
+
+def test_regex_constrained_ar(engine, verifier):
+    proc = engine.processor("regex", r"[A-Z]{2}-\d{4}")
+    out = verifier.generate([encode_prompt(verifier.tokenizer, "code?")], 20, logits_processors=[proc])[0]
+    import re
+
+    assert re.fullmatch(r"[A-Z]{2}-\d{4}", out.text)
+
+
+def test_canvas_hook_masks_the_first_violation(engine):
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["age"], "properties": {"age": {"type": "integer"}}}
+    hook = engine.canvas_hook("json_schema", schema, 8)
+    hook.pins(0, [])
+    ids = tok('{"age":"x"}', add_special_tokens=False)["input_ids"]
+    logits = torch.full((8, engine.vocab_size), -5.0)
+    for p, t in enumerate(ids[:8]):
+        logits[p, t] = 5.0
+    allowed = hook.mask(0, 0, [], logits)
+    k = engine.longest_prefix("json_schema", schema, ids)
+    assert allowed[:k].all()
+    assert not allowed[k, ids[k]]  # the rejected token is masked out there
+    assert allowed[k].sum() > 0 and allowed[k + 1:].all()
+
+
+def test_guided_drafts_are_more_often_valid(engine, drafter):
+    from models.evaluate import schema_valid
+
+    exs = list(tasks.examples("eval", 43, 24, kind="json"))
+    prompts = [encode_prompt(drafter.tokenizer, e.instruction) for e in exs]
+    free = drafter.draft(prompts, 128, seed=0)
+    hooks = [engine.canvas_hook("json_schema", e.schema, drafter.canvas_length) for e in exs]
+    guided = drafter.draft(prompts, 128, hooks=hooks, seed=0)
+    n_free = sum(schema_valid(d.text, e.schema) for d, e in zip(free, exs))
+    n_guided = sum(schema_valid(d.text, e.schema) for d, e in zip(guided, exs))
+    assert n_guided >= n_free
+    assert n_guided >= 0.75 * len(exs)
+
+
+def test_uncompilable_constraints_are_refused(engine):
+    with pytest.raises(GrammarError):
+        engine.compile("sudoku", "x")
+    with pytest.raises(GrammarError):
+        engine.compile("regex", "(")

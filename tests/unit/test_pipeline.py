@@ -1,0 +1,129 @@
+"""The orchestration in-process over the real tiny backends (no Ray)."""
+
+import asyncio
+import json
+
+import pytest
+from jsonschema.validators import validator_for
+
+from models import tasks
+from models.grammar import GrammarEngine
+from models.speculative import SpeculativeDecoder
+from models.tokenizer import EOS_ID, PAD_ID
+from pipeline.errors import OutputInvalid
+from pipeline.interfaces import Constraint, Job
+from pipeline.local import LocalAR, LocalDrafter, LocalValidator
+from pipeline.orchestrator import DrafterHealth, Pipeline, StopScanner, StructuredPolicy, cut_at_stop
+from pipeline.router import RequestShape, RouteDecision
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class BrokenDrafter:
+    """A drafter replica that fails (a fake backend, as a dead replica would behave)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def draft(self, job):
+        self.calls += 1
+        raise RuntimeError("replica died")
+
+    speculate = draft
+
+
+@pytest.fixture(scope="module")
+def backends(drafter, verifier):
+    grammar = GrammarEngine(verifier.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
+    return (LocalDrafter(drafter, SpeculativeDecoder(drafter, verifier), grammar),
+            LocalAR(verifier, grammar), LocalValidator())
+
+
+def job_for(ex, constraint=True, max_tokens=128):
+    c = Constraint("json_schema", ex.schema) if constraint and ex.schema else None
+    return Job(messages=(("user", ex.instruction),), prompt=None, max_tokens=max_tokens, temperature=0.0,
+               seed=1, constraint=c)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_structured_answers_always_validate(backends):
+    pipe = Pipeline(*backends)
+    for ex in tasks.examples("eval", 51, 8, kind="json"):
+        out = run(pipe.run(job_for(ex), RouteDecision("diffusion", "test")))
+        validator_for(ex.schema)(ex.schema).validate(json.loads(out.result.text))
+        assert out.stats["validated"] is True and "draft_valid" in out.stats
+
+
+def test_repair_reuses_the_good_part_of_a_draft(backends):
+    _, ar, _ = backends
+    ex = tasks.example("eval", 52, 0, kind="json")
+    broken = ex.target[: len(ex.target) // 2] + "@@@"
+    repaired = run(ar.repair(job_for(ex), broken))
+    validator_for(ex.schema)(ex.schema).validate(json.loads(repaired.text))
+    assert repaired.stats["repair_reused_tokens"] > 0
+    assert repaired.text.startswith(ex.target[: len(ex.target) // 3])
+
+
+def test_unsatisfiable_output_is_422_never_a_success(backends):
+    pipe = Pipeline(*backends, structured=StructuredPolicy("error"))
+    puzzle = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
+    job = Job(messages=(("user", "Solve: " + puzzle),), prompt=None, max_tokens=90, constraint=Constraint("sudoku", puzzle))
+    with pytest.raises(OutputInvalid) as e:
+        run(pipe.run(job, RouteDecision("diffusion", "test")))
+    assert e.value.status == 422 and "board" in e.value.message
+
+
+def test_failing_drafter_is_served_by_ar_and_leaves_rotation(backends):
+    _, ar, validator = backends
+    clock = Clock()
+    broken = BrokenDrafter()
+    pipe = Pipeline(broken, ar, validator, health=DrafterHealth(max_failures=1, cooldown_s=5, clock=clock))
+    ex = tasks.example("eval", 53, 0, kind="prose")
+    first = pipe.route(RequestShape(False, False, 1.0))
+    assert first.path == "diffusion"
+    out = run(pipe.run(job_for(ex), first))
+    assert out.decision.path == "ar" and "drafter failed" in out.decision.reason and out.result.text
+    assert pipe.route(RequestShape(False, False, 1.0)).path == "ar"
+    clock.now = 6.0  # cool-down over: the next request probes the drafter again
+    assert pipe.route(RequestShape(False, False, 1.0)).path == "diffusion"
+
+
+def test_verify_route_equals_ar_greedy(backends):
+    pipe = Pipeline(*backends)
+    for ex in tasks.examples("eval", 54, 4):
+        job = job_for(ex, constraint=False, max_tokens=64)
+        a = run(pipe.run(job, RouteDecision("verify", "test")))
+        b = run(pipe.run(job, RouteDecision("ar", "test")))
+        assert a.result.text == b.result.text
+        assert a.stats["drafts"] >= 1 and a.stats["mean_accepted"] >= 1
+
+
+def test_streams_end_with_the_full_result(backends):
+    pipe = Pipeline(*backends)
+    ex = tasks.example("eval", 55, 0, kind="prose")
+
+    async def collect(path):
+        return [c async for c in pipe.stream(job_for(ex, max_tokens=80), RouteDecision(path, "test"))]
+
+    for path in ("ar", "diffusion", "verify"):
+        chunks = run(collect(path))
+        assert chunks[-1].result is not None
+        assert "".join(c.text for c in chunks[:-1]) == chunks[-1].result.text
+    assert len(run(collect("ar"))) > 3
+
+
+def test_stop_sequences():
+    assert cut_at_stop("a. b. c", [". c", "b"]) == ("a. ", True)
+    assert cut_at_stop("abc", ["x"]) == ("abc", False)
+    s = StopScanner(["END"])
+    out = "".join(s.push(p) for p in ["he", "llo E", "N", "D more"])
+    assert out == "hello " and s.stopped

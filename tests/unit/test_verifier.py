@@ -1,0 +1,97 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models import tasks
+from models.evaluate import schema_valid
+from models.tokenizer import encode_prompt
+
+EXAMPLES = list(tasks.examples("eval", 21, 12))
+
+
+@pytest.fixture(scope="module")
+def greedy_cases(verifier):
+    """(prompt ids, AR greedy continuation) for a few held-out prompts."""
+    prompts = [encode_prompt(verifier.tokenizer, e.instruction) for e in EXAMPLES]
+    gens = verifier.generate(prompts, max_new_tokens=40)
+    return [(p, list(g.token_ids)) for p, g in zip(prompts, gens)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_verify_accepts_greedy_and_stops_at_the_first_corruption(verifier, greedy_cases, data):
+    prompt, greedy = data.draw(st.sampled_from(greedy_cases))
+    n = data.draw(st.integers(1, len(greedy)))
+    draft = greedy[:n]
+    # a draft equal to AR's greedy continuation is fully accepted; the next token is AR's next greedy
+    accepted, nxt = verifier.verify(prompt, draft)
+    assert accepted == n
+    expected_next = greedy[n] if n < len(greedy) else None
+    if expected_next is not None:
+        assert nxt == expected_next
+    # corrupt position k: accepted_len == k and next_token is AR's greedy token there
+    k = data.draw(st.integers(0, n - 1))
+    wrong = data.draw(st.integers(0, verifier.lm.model.config.text_config.vocab_size - 1).filter(
+        lambda t: t != draft[k]))
+    corrupted = draft[:k] + [wrong] + draft[k + 1:]
+    assert verifier.verify(prompt, corrupted) == (k, greedy[k])
+
+
+def test_stream_yields_the_same_tokens_as_generate(verifier, greedy_cases):
+    prompt, greedy = greedy_cases[0]
+    assert list(verifier.stream(prompt, max_new_tokens=40)) == greedy
+
+
+def test_batched_generation_equals_one_by_one(verifier, greedy_cases):
+    single = [list(verifier.generate([p], max_new_tokens=40)[0].token_ids) for p, _ in greedy_cases[:4]]
+    assert single == [g for _, g in greedy_cases[:4]]
+
+
+def test_ar_greedy_answers_validate(verifier):
+    exs = [e for e in EXAMPLES if e.kind == "json"]
+    gens = verifier.generate([encode_prompt(verifier.tokenizer, e.instruction) for e in exs], 128)
+    valid = sum(schema_valid(g.text, e.schema) for g, e in zip(gens, exs))
+    assert valid >= 0.8 * len(exs)
+
+
+def test_logits_processor_and_sampling(verifier, greedy_cases):
+    prompt, greedy = greedy_cases[0]
+    banned = greedy[0]
+
+    def ban(generated, logits):
+        logits = logits.clone()
+        logits[banned] = float("-inf")
+        return logits
+
+    out = verifier.generate([prompt], max_new_tokens=5, logits_processors=[ban])[0]
+    assert out.token_ids[0] != banned
+    a = verifier.generate([prompt], max_new_tokens=10, temperature=1.0, seed=5)[0]
+    b = verifier.generate([prompt], max_new_tokens=10, temperature=1.0, seed=5)[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_separate_causal_checkpoint_gives_the_same_logits_and_tokens(verifier, greedy_cases, tmp_path):
+    from models.export_ar import export
+    from models.loading import DEFAULT_CHECKPOINT
+    from models.verifier import ARVerifier
+
+    other = ARVerifier.from_pretrained(export(DEFAULT_CHECKPOINT, tmp_path / "ar"), source="causal", device="cpu")
+    prompt, greedy = greedy_cases[1]
+    x = torch.tensor([prompt])
+    m = torch.ones_like(x, dtype=torch.bool)
+    with torch.inference_mode():
+        a = verifier.lm.logits(x, m, 0, verifier.lm.new_cache())
+        b = other.lm.logits(x, m, 0, other.lm.new_cache())
+    assert torch.allclose(a, b, atol=1e-4)
+    assert list(other.generate([prompt], max_new_tokens=40)[0].token_ids) == greedy
+    assert other.verify(prompt, greedy[:5]) == verifier.verify(prompt, greedy[:5])
+
+
+def test_bad_inputs_are_refused(verifier):
+    with pytest.raises(ValueError):
+        verifier.verify([], [1])
+    with pytest.raises(ValueError):
+        verifier.generate([[2, 3]], max_new_tokens=0)
+    with pytest.raises(ValueError):
+        type(verifier).from_pretrained(source="nope")
