@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 serve: install
-	$(PY) -m models.demo
+	$(VENV)/bin/serve run serve_config.yaml
 
 test: install
 	$(PY) -m pytest -q tests
