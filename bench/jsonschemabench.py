@@ -32,7 +32,7 @@ def request(schema: dict, max_tokens: int) -> dict:
             "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
 
 
-def in_process_sender():
+def in_process_sender(threads: int = 2):
     import torch
 
     from models.drafter import DiffusionDrafter
@@ -44,7 +44,7 @@ def in_process_sender():
     from pipeline.local import LocalAR, LocalDrafter, LocalValidator
     from pipeline.orchestrator import Pipeline
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
     grammar = GrammarEngine(drafter.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
@@ -77,11 +77,12 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--url", default=None)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
     rows = rows[: a.limit] if a.limit else rows
-    send = http_sender(a.url) if a.url else in_process_sender()
+    send = http_sender(a.url) if a.url else in_process_sender(a.threads)
     counts = collections.Counter()
     latencies: list[float] = []
     reasons = collections.Counter()

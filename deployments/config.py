@@ -45,7 +45,8 @@ class ModelArgs(_Strict):
 class DrafterArgs(ModelArgs):
     replica: ReplicaArgs = ReplicaArgs(num_cpus=0.5, max_ongoing_requests=32)
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    # 0: a lone request starts at once; requests arriving during a batch form the next one
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     max_denoising_steps: int | None = Field(default=None, ge=1)  # None = the checkpoint's setting
     verify_draft_steps: int | None = Field(default=None, ge=1)  # denoising steps per draft on the verify route
 

@@ -57,7 +57,7 @@ class DrafterDeployment:
         self._draft_batch.set_max_batch_size(args.max_batch_size)
         self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _draft_batch(self, jobs: list[Job]) -> list[TextResult]:
         return await self.local.draft_many(jobs)
 

@@ -12,7 +12,8 @@
   later position is masked to padding. Positions beyond the first violation stay free; the next
   step walks again.
 
-JSON is compact (``,`` and ``:`` with no whitespace), as the checkpoint writes it. Compiled
+JSON is compact (``,`` and ``:`` with no whitespace), as the checkpoint writes it, and free
+strings and arrays are bounded (:func:`tighten_schema`). Compiled
 grammars are cached per constraint (xgrammar's compiler cache, keyed by the schema
 text); a compile that exceeds ``compile_timeout_s`` is refused.
 """
@@ -28,8 +29,48 @@ import torch
 SUPPORTED = ("json_schema", "json_object", "regex")
 
 
+UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
+                               "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
+
+
+def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any:
+    """A copy of ``schema`` whose free strings and arrays are bounded (``maxLength``/``maxItems``
+    added where absent, never below ``minLength``/``minItems``).
+
+    Decoding under the tighter schema keeps a small model from writing one string until the token
+    budget runs out; every instance of it is still an instance of the original schema, against
+    which answers are validated.
+    """
+    if isinstance(schema, list):
+        return [tighten_schema(v, max_string, max_items) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: tighten_schema(v, max_string, max_items) for k, v in schema.items()}
+    props = out.get("properties")
+    if isinstance(props, dict) and any(v is False for v in props.values()):
+        # a property whose schema is `false` must be absent; with no additional properties
+        # allowed during decoding, leaving it out says the same (xgrammar refuses `false`)
+        out["properties"] = {k: v for k, v in props.items() if v is not False}
+    kinds = out.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    if out.get("format") in UNBOUNDED_FORMATS:
+        # xgrammar's grammars for these formats ignore maxLength; jsonschema does not assert
+        # formats by default, so the bounded plain string validates the same
+        del out["format"]
+    free_string = not any(k in out for k in ("enum", "const", "maxLength", "format"))
+    if "string" in kinds and free_string:
+        out["maxLength"] = max(int(out.get("minLength", 0)), max_string)
+    if "array" in kinds and "maxItems" not in out:
+        out["maxItems"] = max(int(out.get("minItems", 0)), max_items)
+    return out
+
+
 class GrammarError(ValueError):
-    """The constraint cannot be compiled (unsupported, too large or too slow)."""
+    """The constraint cannot be compiled (a feature the engine does not support)."""
+
+
+class GrammarTimeout(GrammarError):
+    """Compilation ran past the time cap (a hostile or pathological constraint)."""
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -41,7 +82,7 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 class GrammarEngine:
     def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
-                 compile_timeout_s: float = 2.0):
+                 compile_timeout_s: float = 2.0, max_digit_run: int = 9):
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -51,6 +92,10 @@ class GrammarEngine:
         self.pad_id = pad_id
         self.compile_timeout_s = compile_timeout_s
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[eos_id])
+        pieces = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
+        self.digits_only = torch.zeros(vocab_size, dtype=torch.bool)  # tokens made of digits alone
+        self.digits_only[: len(pieces)] = torch.tensor([p.isdigit() and p.isascii() for p in pieces])
+        self.max_digit_run = max_digit_run
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
 
     @staticmethod
@@ -59,6 +104,7 @@ class GrammarEngine:
 
     def _compile_now(self, kind: str, spec: Any):
         if kind == "json_schema":
+            spec = tighten_schema(spec)
             return self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True,
                                                      separators=(",", ":"))
         if kind == "json_object":
@@ -82,7 +128,7 @@ class GrammarEngine:
         worker.start()
         worker.join(self.compile_timeout_s)
         if worker.is_alive():
-            raise GrammarError(f"grammar compilation exceeded {self.compile_timeout_s:g} s")
+            raise GrammarTimeout(f"grammar compilation exceeded {self.compile_timeout_s:g} s")
         if "error" in box:
             raise GrammarError(f"cannot compile a grammar for this {kind}: {box['error']}")
         return box["grammar"]
@@ -117,19 +163,40 @@ class GrammarEngine:
 
 class GrammarProcessor:
     """AR logits processor: feeds the tokens generated so far to the matcher, then masks the
-    next-token logits to what the grammar allows (only ``<eos>`` once the grammar is complete)."""
+    next-token logits to what the grammar allows (only ``<eos>`` once the grammar is complete).
 
-    def __init__(self, engine: GrammarEngine, matcher):
+    Two guards keep a weak model from spending the whole budget inside one value: after
+    ``max_digit_run`` consecutive digits the digit-only tokens are masked (JSON numbers are
+    unbounded), and no token may repeat more than ``max_repeat`` times in a row. Each guard yields
+    when it would leave nothing the grammar allows.
+    """
+
+    def __init__(self, engine: GrammarEngine, matcher, max_repeat: int = 4):
         self.engine = engine
         self.matcher = matcher
+        self.max_repeat = max_repeat
         self.seen = 0
+        self.digit_run = 0
+        self.repeat = 0
 
     def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        for t in generated[self.seen:]:
-            self.matcher.accept_token(int(t))
+        for i in range(self.seen, len(generated)):
+            t = int(generated[i])
+            self.matcher.accept_token(t)
+            piece = self.engine.tokenizer.decode([t])
+            tail = len(piece) - len(piece.rstrip("0123456789"))
+            self.digit_run = self.digit_run + tail if tail == len(piece) else tail
+            self.repeat = self.repeat + 1 if i > 0 and generated[i - 1] == t else 1
         self.seen = len(generated)
-        allowed = self.engine.allowed(self.matcher).to(logits.device)
-        return logits.masked_fill(~allowed[: logits.shape[-1]], float("-inf"))
+        allowed = self.engine.allowed(self.matcher)
+        banned = torch.zeros_like(allowed)
+        if self.digit_run >= self.engine.max_digit_run:
+            banned |= self.engine.digits_only
+        if generated and self.repeat >= self.max_repeat:  # no token more than max_repeat times in a row
+            banned[int(generated[-1])] = True
+        if (allowed & ~banned).any():
+            allowed = allowed & ~banned
+        return logits.masked_fill(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
 
 
 class GrammarCanvasHook:

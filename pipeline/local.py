@@ -10,6 +10,7 @@ import asyncio
 import threading
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
+from .errors import BadRequest
 from .interfaces import Job, TextChunk, TextResult
 from .validation import ValidatorRegistry, default_registry
 
@@ -88,6 +89,23 @@ async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], objec
         cancelled.set()
 
 
+def grammar_for(grammar, job: Job, build):
+    """``build()`` a grammar object for ``job``'s constraint, or None when there is none or the
+    engine cannot compile it (decoding then runs free and validation alone decides). A compile
+    that runs past its time cap is the client's problem: a 400."""
+    from models.grammar import GrammarError, GrammarTimeout
+
+    c = job.constraint
+    if c is None or grammar is None or not grammar.supports(c.kind):
+        return None
+    try:
+        return build()
+    except GrammarTimeout as e:
+        raise BadRequest(f"response_format is too complex: {e}", param="response_format") from None
+    except GrammarError:
+        return None
+
+
 def draft_stats(d) -> dict:
     return {
         "canvases": len(d.steps_per_canvas),
@@ -122,9 +140,8 @@ class LocalDrafter:
 
     def _hook(self, job: Job):
         c = job.constraint
-        if c is None or self.grammar is None or not self.grammar.supports(c.kind):
-            return None
-        return self.grammar.canvas_hook(c.kind, c.spec, self.drafter.canvas_length)
+        return grammar_for(self.grammar, job,
+                           lambda: self.grammar.canvas_hook(c.kind, c.spec, self.drafter.canvas_length))
 
     def _spec(self):
         if self.speculative is None:
@@ -203,13 +220,9 @@ class LocalAR:
         self.tokenizer = verifier.tokenizer
         self.grammar = grammar
 
-    def constrains(self, job: Job) -> bool:
-        return job.constraint is not None and self.grammar is not None and self.grammar.supports(job.constraint.kind)
-
     def _processor(self, job: Job, prefix: Sequence[int] = ()):
-        if not self.constrains(job):
-            return None
-        return self.grammar.processor(job.constraint.kind, job.constraint.spec, prefix)
+        c = job.constraint
+        return grammar_for(self.grammar, job, lambda: self.grammar.processor(c.kind, c.spec, prefix))
 
     def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
         processor = self._processor(job, prefix)
@@ -227,10 +240,11 @@ class LocalAR:
     def repair_sync(self, job: Job, draft_text: str) -> TextResult:
         """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""
         prompt = encode_job(self.tokenizer, job)
-        if not self.constrains(job):
-            return self.generate_sync(job)
+        c = job.constraint
         ids = self.tokenizer(draft_text, add_special_tokens=False)["input_ids"][: job.max_tokens - 1]
-        keep = self.grammar.longest_prefix(job.constraint.kind, job.constraint.spec, ids)
+        keep = grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
+        if keep is None:  # no grammar for this constraint: answer afresh
+            return self.generate_sync(job)
         result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
         return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
                           {**result.stats, "repair_reused_tokens": keep, "draft_tokens": len(ids)})

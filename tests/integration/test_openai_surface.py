@@ -119,3 +119,15 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     assert "gpt-9" in e.value.message
+
+
+def test_concurrent_drafts_are_denoised_as_one_batch(app_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"model": MODEL, "max_tokens": 64, "route": "diffusion",
+            "messages": [{"role": "user", "content": PROSE_EX.instruction}]}
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda _: requests.post(f"{app_url}/v1/chat/completions", json=body, timeout=120),
+                                range(6)))
+    assert all(r.status_code == 200 for r in replies)
+    assert max(r.json()["stats"]["batch_size"] for r in replies) > 1
