@@ -131,3 +131,28 @@ def test_concurrent_drafts_are_denoised_as_one_batch(app_url):
                                 range(6)))
     assert all(r.status_code == 200 for r in replies)
     assert max(r.json()["stats"]["batch_size"] for r in replies) > 1
+
+
+def test_verify_route_returns_ar_greedy_text(client):
+    messages = [{"role": "user", "content": PROSE_EX.instruction}]
+    ar = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=48, temperature=0,
+                                        extra_body={"route": "ar"})
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=48,
+                                                           temperature=0, extra_body={"route": "verify"})
+    spec = raw.parse()
+    assert raw.headers["x-route"].startswith("verify")
+    assert spec.choices[0].message.content == ar.choices[0].message.content
+    stats = spec.model_dump()["stats"]
+    assert stats["drafts"] >= 1 and stats["mean_accepted"] >= 1 and stats["verifier_forwards_per_token"] > 0
+
+
+def test_regex_and_json_object_formats(client):
+    import re
+
+    resp = client.chat.completions.create(
+        model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Give a product code."}],
+        response_format={"type": "regex", "regex": {"pattern": "[A-Z][0-9]{3}"}})
+    assert re.fullmatch("[A-Z][0-9]{3}", resp.choices[0].message.content)
+    resp = client.chat.completions.create(model=MODEL, max_tokens=64, response_format={"type": "json_object"},
+                                          messages=[{"role": "user", "content": JSON_EX[0].instruction}])
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)

@@ -108,3 +108,34 @@ def test_uncompilable_constraints_are_refused(engine):
         engine.compile("sudoku", "x")
     with pytest.raises(GrammarError):
         engine.compile("regex", "(")
+
+
+def test_tighten_schema_bounds_free_strings_and_arrays_only():
+    from models.grammar import tighten_schema
+
+    schema = {"type": "object", "properties": {
+        "s": {"type": "string"}, "m": {"type": "string", "minLength": 50}, "e": {"type": "string", "enum": ["a"]},
+        "u": {"type": "string", "format": "uri"}, "d": {"type": "string", "format": "date-time"},
+        "a": {"type": "array", "items": {"type": "string"}}, "gone": False, "type": {"type": ["string", "null"]}}}
+    t = tighten_schema(schema)["properties"]
+    assert t["s"]["maxLength"] == 32 and t["m"]["maxLength"] == 50
+    assert "maxLength" not in t["e"] and t["d"] == {"type": "string", "format": "date-time"}
+    assert t["u"] == {"type": "string", "maxLength": 32}
+    assert t["a"]["maxItems"] == 4 and t["a"]["items"]["maxLength"] == 32
+    assert "gone" not in t and t["type"]["maxLength"] == 32
+    assert schema["properties"]["s"] == {"type": "string"}  # the original is untouched
+
+
+def test_guards_end_runaway_numbers_and_repeats(engine):
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
+    proc = engine.processor("json_schema", schema)
+    prefix = tok('{"n":', add_special_tokens=False)["input_ids"]
+    digit = tok.convert_tokens_to_ids("1")
+    assert bool(engine.digits_only[digit])
+    logits = torch.zeros(engine.vocab_size)
+    out = proc(prefix + [digit] * 3, logits.clone())
+    assert out[digit] == 0  # three repeats: still allowed
+    out = proc(prefix + [digit] * 9, logits.clone())
+    assert torch.isinf(out[engine.digits_only]).all()  # nine digits: numbers must end
+    assert torch.isfinite(out).any()
