@@ -32,12 +32,32 @@ def spec_key(spec: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
+PATTERN_TIMEOUT_S = 0.5
+
+
+def _timed_pattern(validator, pattern, instance, schema):
+    """``pattern`` keyword with a time cap (jsonschema's own uses ``re``, which can backtrack for
+    minutes on a hostile pattern)."""
+    import regex
+    from jsonschema.exceptions import ValidationError
+
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        if regex.search(pattern, instance, timeout=PATTERN_TIMEOUT_S) is None:
+            yield ValidationError(f"{instance!r} does not match {pattern!r}")
+    except TimeoutError:
+        yield ValidationError(f"pattern {pattern!r} took longer than {PATTERN_TIMEOUT_S} s to match")
+    except regex.error as e:
+        yield ValidationError(f"pattern {pattern!r} is not a valid regex: {e}")
+
+
 @lru_cache(maxsize=512)
 def _compiled_schema(key: str, schema_json: str):
-    from jsonschema.validators import validator_for
+    from jsonschema.validators import extend, validator_for
 
     schema = json.loads(schema_json)
-    cls = validator_for(schema)
+    cls = extend(validator_for(schema), {"pattern": _timed_pattern})
     return cls(schema)
 
 

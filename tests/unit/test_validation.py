@@ -120,3 +120,14 @@ def test_custom_validator_registers_by_name():
     reg = default_registry({"sudoku2": load_validator_factory("pipeline.validation:SudokuValidator")})
     assert reg.validate(Constraint("sudoku2", PUZZLE), SOLUTION).ok
     assert json.loads(json.dumps(reg.kinds()))
+
+
+def test_catastrophic_schema_pattern_is_time_capped():
+    import time
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}}
+    t0 = time.perf_counter()
+    v = REG.validate(Constraint("json_schema", schema), json.dumps({"s": "a" * 40 + "!"}))
+    assert not v.ok  # `re` would backtrack for minutes here; the capped matcher answers at once
+    assert time.perf_counter() - t0 < 5
+    assert REG.validate(Constraint("json_schema", schema), '{"s": "aaa"}').ok

@@ -95,3 +95,29 @@ def test_bad_inputs_are_refused(verifier):
         verifier.generate([[2, 3]], max_new_tokens=0)
     with pytest.raises(ValueError):
         type(verifier).from_pretrained(source="nope")
+
+
+def test_speculative_with_a_separate_causal_verifier_equals_its_greedy(drafter, tmp_path):
+    from models.export_ar import export
+    from models.loading import DEFAULT_CHECKPOINT
+    from models.speculative import SpeculativeDecoder
+    from models.verifier import ARVerifier
+
+    other = ARVerifier.from_pretrained(export(DEFAULT_CHECKPOINT, tmp_path / "ar"), source="causal", device="cpu")
+    spec = SpeculativeDecoder(drafter, other, draft_steps=4)
+    assert not spec.shared
+    for ex in EXAMPLES[:5]:
+        prompt = encode_prompt(drafter.tokenizer, ex.instruction)
+        out = spec.generate(prompt, 64, seed=0)
+        assert out.token_ids == other.generate([prompt], 64)[0].token_ids
+        assert out.verifier_forwards == out.drafts + 1
+
+
+def test_speculative_same_weights_shares_one_cache(drafter, verifier):
+    from models.speculative import SpeculativeDecoder
+
+    spec = SpeculativeDecoder(drafter, verifier)
+    assert spec.shared
+    prompt = encode_prompt(drafter.tokenizer, EXAMPLES[0].instruction)
+    out = spec.generate(prompt, 3, seed=0)
+    assert len(out.token_ids) <= 3 and out.token_ids == verifier.generate([prompt], 3)[0].token_ids
