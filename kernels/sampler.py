@@ -14,22 +14,69 @@ the first ``k`` with ``sum(H_1..H_k) - H_k <= bound``. Worked example with bound
 ``[0.02, 0.5, 0.05, 0.04]``: sorted ``[0.02, 0.04, 0.05, 0.5]``, cumulative minus current
 ``[0, 0.02, 0.06, 0.11]``, so positions 0, 3, 2 are accepted and position 1 is renoised. The
 lowest-entropy position is always accepted, so every step makes progress.
+
+Ops (each backend implements them with the same signature; :func:`select_backend` picks one):
+
+* ``position_stats(logits, temperature, seed)``: per canvas position, over the vocabulary, the
+  log-sum-exp, entropy, argmax and a Gumbel-max sample of ``softmax(logits / temperature)`` with
+  the stateless RNG of ``kernels/rng.py``;
+* ``soft_embedding(logits, embedding)``: ``softmax(logits) @ embedding``, the self-conditioning
+  input.
+
+This module is the readable reference: it materialises several float32 ``[batch, canvas, vocab]``
+tensors. ``kernels/sampler_cpu.py`` streams over the vocabulary in chunks (O(batch x canvas) extra
+memory beyond one chunk) and ``kernels/sampler_triton.py`` does one pass per position on the GPU.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
+from . import rng
+
+BACKENDS = ("reference", "chunked", "triton")
+
+
+@dataclass(frozen=True)
+class PositionStats:
+    argmax: torch.Tensor  # [batch, canvas] long
+    sample: torch.Tensor  # [batch, canvas] long, Gumbel-max draw from softmax(logits / T)
+    entropy: torch.Tensor  # [batch, canvas] float32, nats
+    lse: torch.Tensor  # [batch, canvas] float32, log-sum-exp of logits / T
+
 
 @dataclass(frozen=True)
 class SamplerStep:
-    sample: torch.Tensor  # [batch, canvas] long, drawn from softmax(logits)
+    sample: torch.Tensor  # [batch, canvas] long
     argmax: torch.Tensor  # [batch, canvas] long
     entropy: torch.Tensor  # [batch, canvas] float32, nats
     accepted: torch.Tensor  # [batch, canvas] bool
     canvas: torch.Tensor  # [batch, canvas] long, the next step's input (accepted or renoised)
+
+
+def gumbel_index(shape: tuple[int, int, int], device) -> torch.Tensor:
+    """The RNG counter of every (row, position, token): ``(b * canvas + c) * vocab + v``."""
+    b, c, v = shape
+    return torch.arange(b * c * v, device=device, dtype=torch.int64).view(b, c, v)
+
+
+def position_stats(logits: torch.Tensor, temperature: float = 1.0, seed: int = 0) -> PositionStats:
+    """Reference: logits [batch, canvas, vocab] (any float dtype; masked entries may be -inf)."""
+    x = logits.float() / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    logp = x - lse.unsqueeze(-1)
+    p = logp.exp()
+    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    noisy = x + rng.gumbel(seed, gumbel_index(tuple(x.shape), x.device))
+    return PositionStats(x.argmax(-1), noisy.argmax(-1), entropy, lse)
+
+
+def soft_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """Reference: softmax(logits [batch, canvas, vocab]) @ embedding [vocab, hidden], in float32."""
+    return torch.softmax(logits.float(), dim=-1) @ embedding.float()
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -47,15 +94,43 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def sampler_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float,
-                 generator: torch.Generator | None = None) -> SamplerStep:
-    """One sampler update from (already temperature-scaled and masked) ``logits`` [batch, canvas,
-    vocab]: sample, argmax, entropy-bound acceptance, renoise of the rest."""
-    vocab = logits.shape[-1]
-    probs = torch.softmax(logits.float(), dim=-1)
-    sample = torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).view(canvas.shape)
-    argmax = logits.argmax(-1)
-    entropy = token_entropy(logits)
-    accepted = entropy_bound_accept(entropy, entropy_bound)
-    noise = torch.randint(0, vocab, canvas.shape, generator=generator, device=canvas.device)
-    return SamplerStep(sample, argmax, entropy, accepted, torch.where(accepted, sample, noise))
+def select_backend(device: torch.device | str = "cpu") -> str:
+    """``DGSERVE_SAMPLER_BACKEND`` if set; else Triton on CUDA when it imports, chunked on CPU."""
+    forced = os.environ.get("DGSERVE_SAMPLER_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"DGSERVE_SAMPLER_BACKEND must be one of {BACKENDS}, got {forced!r}")
+        return forced
+    if torch.device(device).type == "cuda":
+        from .sampler_triton import available
+
+        if available():
+            return "triton"
+    return "chunked"
+
+
+def ops(backend: str):
+    """(position_stats, soft_embedding) of a backend."""
+    if backend == "reference":
+        return position_stats, soft_embedding
+    if backend == "chunked":
+        from . import sampler_cpu
+
+        return sampler_cpu.position_stats, sampler_cpu.soft_embedding
+    if backend == "triton":
+        from . import sampler_triton
+
+        return sampler_triton.position_stats, sampler_triton.soft_embedding
+    raise ValueError(f"unknown sampler backend {backend!r}; expected one of {BACKENDS}")
+
+
+def sampler_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, seed: int,
+                 temperature: float = 1.0, backend: str = "reference") -> SamplerStep:
+    """One sampler update: Gumbel-max sample, argmax, entropy-bound acceptance, renoise of the
+    rest (uniform tokens from the stateless RNG). ``logits`` [batch, canvas, vocab]."""
+    stats = ops(backend)[0](logits, temperature, seed)
+    accepted = entropy_bound_accept(stats.entropy, entropy_bound)
+    positions = torch.arange(canvas.numel(), device=canvas.device, dtype=torch.int64).view(canvas.shape)
+    noise = rng.random_tokens(seed, positions, logits.shape[-1])
+    return SamplerStep(stats.sample, stats.argmax, stats.entropy, accepted,
+                       torch.where(accepted, stats.sample, noise))

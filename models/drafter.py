@@ -20,7 +20,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from kernels.sampler import sampler_step
+from kernels import rng
+from kernels.sampler import ops, sampler_step, select_backend
 
 SOFTCAP = 30.0
 
@@ -94,10 +95,12 @@ def softcapped(logits: torch.Tensor) -> torch.Tensor:
 class DiffusionDrafter:
     """Drafts with a ``DiffusionGemmaForBlockDiffusion`` (any size: the tiny default or the 26B)."""
 
-    def __init__(self, model, tokenizer, settings: DraftSettings | None = None):
+    def __init__(self, model, tokenizer, settings: DraftSettings | None = None, backend: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or DraftSettings.from_generation_config(model.generation_config)
+        self.backend = backend or select_backend(model.device)  # sampler kernels (kernels/sampler.py)
+        self._soft_embedding = ops(self.backend)[1]
         self.canvas_length = int(model.config.canvas_length)
         self.vocab_size = int(model.config.text_config.vocab_size)
         eos = model.generation_config.eos_token_id
@@ -154,8 +157,7 @@ class DiffusionDrafter:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         dev = self.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        seed = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
         start = time.perf_counter()
         rows = [DraftRow(len(p), b, h) for p, b, h in zip(prompts, budgets, hooks)]
         canvas_len = self.canvas_length
@@ -174,7 +176,7 @@ class DiffusionDrafter:
 
         canvas_index = 0
         while active:
-            committed = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, gen)
+            committed = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, seed)
             now = time.perf_counter() - start
             for b, r in enumerate(active):
                 row = rows[r]
@@ -218,13 +220,34 @@ class DiffusionDrafter:
             ))
         return drafts
 
+    def decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor | None, cache, mask_mapping,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """The bidirectional decoder over ``canvas`` [batch, canvas] -> hidden [batch, canvas, hidden].
+
+        Same computation as ``DiffusionGemmaDecoderModel.forward`` with ``self_conditioning_logits``,
+        except that the self-conditioning input arrives as ``soft`` = softmax(previous logits) @
+        embedding, computed by the sampler kernels without materialising the probabilities.
+        """
+        dec = self.model.model.decoder
+        embeds = dec.embed_tokens(canvas)
+        if soft is None:
+            soft_in = torch.zeros_like(embeds)
+        else:
+            soft_in = soft.to(embeds.dtype) * dec.embed_tokens.embed_scale.to(embeds.dtype)
+        h = dec.self_conditioning(embeds, soft_in)
+        rope = {kind: dec.rotary_emb(h, positions, kind) for kind in dec.unique_layer_types}
+        kinds = dec.text_config.layer_types
+        for i, layer in enumerate(dec.layers[: dec.text_config.num_hidden_layers]):
+            h = layer(h, position_embeddings=rope[kinds[i]], attention_mask=mask_mapping[kinds[i]],
+                      position_ids=positions, cache=cache)
+        return dec.norm(h)
+
     def denoise_canvas(self, cache, ctx_mask: torch.Tensor, cur_len: int, rows: list[DraftRow],
-                       canvas_index: int, gen: torch.Generator, settings: DraftSettings | None = None,
-                       initial: torch.Tensor | None = None) -> torch.Tensor:
+                       canvas_index: int, seed: int, settings: DraftSettings | None = None) -> torch.Tensor:
         """Denoise one canvas after the ``cur_len`` tokens in ``cache`` (``ctx_mask`` [batch, cur_len]
         marks real ones) for the active ``rows``; returns the committed argmax [batch, canvas] and
-        appends the forwards spent to each row's ``steps``. ``initial`` [batch, canvas] starts the
-        canvas from known tokens instead of noise (-1 = noise), e.g. a previous draft's tail."""
+        appends the forwards spent to each row's ``steps``. Randomness is a pure function of
+        ``(seed, canvas_index, step)`` (``kernels/rng.py``)."""
         s = settings or self.settings
         dev = ctx_mask.device
         bsz, canvas_len, vocab = len(rows), self.canvas_length, self.vocab_size
@@ -236,12 +259,11 @@ class DiffusionDrafter:
                 for pos, tok in row.hook.pins(canvas_index, row.tokens).items():
                     pin_ids[b, pos] = tok
         pinned = pin_ids >= 0
-        pin_logits = torch.full((bsz, canvas_len, vocab), floor, device=dev)
-        pin_logits.scatter_(-1, pin_ids.clamp(min=0).unsqueeze(-1), 0.0)
+        pin_rows, pin_cols = pinned.nonzero(as_tuple=True)
 
-        canvas = torch.randint(0, vocab, (bsz, canvas_len), generator=gen, device=dev)
-        if initial is not None:
-            canvas = torch.where(initial >= 0, initial.to(dev), canvas)
+        canvas_seed = _mix(seed, canvas_index, 0xC0FFEE)
+        cells = torch.arange(bsz * canvas_len, device=dev, dtype=torch.int64).view(bsz, canvas_len)
+        canvas = rng.random_tokens(canvas_seed, cells, vocab)
         canvas = torch.where(pinned, pin_ids, canvas)
         dec_mask = torch.cat([ctx_mask, torch.ones(bsz, canvas_len, dtype=torch.bool, device=dev)], 1)
         mask_mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
@@ -250,26 +272,25 @@ class DiffusionDrafter:
         )
         positions = torch.arange(cur_len, cur_len + canvas_len, device=dev).unsqueeze(0)
         argmax = canvas
-        sc_logits = None
+        soft = None  # self-conditioning input [batch, canvas, hidden], from the previous step's logits
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         repeats = torch.zeros(bsz, dtype=torch.long, device=dev)
         forwards = torch.zeros(bsz, dtype=torch.long, device=dev)
-        embed_dtype = self.model.model.decoder.embed_tokens.weight.dtype
+        embedding = self.model.model.decoder.embed_tokens.weight
         for step, remaining in enumerate(range(s.max_steps, 0, -1)):
             forwards += (~done).long()
-            out = self.model.model.decoder(
-                decoder_input_ids=canvas, cache=cache, self_conditioning_logits=sc_logits,
-                decoder_attention_mask=mask_mapping, decoder_position_ids=positions,
-            )
-            logits = softcapped(self.model.lm_head(out.last_hidden_state)) / self._temperature(remaining, s)
+            hidden = self.decoder_hidden(canvas, soft, cache, mask_mapping, positions)
+            logits = softcapped(self.model.lm_head(hidden)) / self._temperature(remaining, s)
             for b, row in enumerate(rows):
                 if row.hook is None or done[b]:
                     continue
                 allowed = row.hook.mask(canvas_index, step, row.tokens, logits[b])
                 if allowed is not None:
                     logits[b] = torch.where(allowed.to(dev), logits[b], floor)
-            logits = torch.where(pinned.unsqueeze(-1), pin_logits, logits)
-            st = sampler_step(logits, canvas, s.entropy_bound, gen)
+            if len(pin_rows):  # pinned positions: all mass on the pinned token (entropy 0, accepted)
+                logits[pin_rows, pin_cols] = floor
+                logits[pin_rows, pin_cols, pin_ids[pin_rows, pin_cols]] = 0.0
+            st = sampler_step(logits, canvas, s.entropy_bound, _mix(seed, canvas_index, step), backend=self.backend)
             same = (st.argmax == argmax).all(-1)
             repeats = torch.where(done, repeats, torch.where(same, repeats + 1, torch.zeros_like(repeats)))
             stable = repeats >= s.stability_threshold
@@ -277,11 +298,17 @@ class DiffusionDrafter:
             keep = done.unsqueeze(-1)
             canvas = torch.where(keep, canvas, st.canvas)
             argmax = torch.where(keep, argmax, st.argmax)
-            new_sc = logits.to(embed_dtype)
-            sc_logits = new_sc if sc_logits is None else torch.where(keep.unsqueeze(-1), sc_logits, new_sc)
+            new_soft = self._soft_embedding(logits, embedding)
+            soft = new_soft if soft is None else torch.where(keep.unsqueeze(-1), soft, new_soft)
             done = done | (stable & confident)
             if bool(done.all()):
                 break
         for b, row in enumerate(rows):
             row.steps.append(int(forwards[b]))
         return argmax
+
+
+def _mix(seed: int, canvas_index: int, step: int) -> int:
+    """A per-(canvas, step) seed for the stateless RNG."""
+    x = torch.tensor([(seed & rng.MASK32) ^ ((canvas_index * 0x9E37) << 12) ^ (step * 0x85EB)], dtype=torch.int64)
+    return int(rng.hash32(rng.hash32(x))[0])

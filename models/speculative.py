@@ -70,8 +70,7 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         d, lm = self.drafter, self.verifier.lm
         dev = d.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else 0)
+        seed = seed if seed is not None else 0
 
         ids = torch.tensor([prompt], device=dev)
         vcache = lm.new_cache()
@@ -92,7 +91,7 @@ class SpeculativeDecoder:
             row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=_PinFirst(nxt))
             row.tokens = out
             ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
-            canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), gen, self.settings)[0].tolist()
+            canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)[0].tolist()
             steps += row.steps[-1]
             canvas = canvas[: max_new_tokens - len(out)]
             cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
