@@ -5,6 +5,8 @@
 """
 
 
+import os
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -58,20 +60,27 @@ class Ingress:
         health = DrafterHealth(args.router.drafter_failures_before_cooldown, args.router.drafter_cooldown_s)
         pipeline = Pipeline(DraftHandle(drafter), ARHandle(ar), ValidatorHandle(validator), policy, health,
                             StructuredPolicy(args.structured.on_repair_failure))
-        limits = Limits(args.limits.max_tokens, args.limits.default_max_tokens, args.limits.max_prompt_chars)
-        self.gateway = Gateway(pipeline, args.model_name, limits, default_registry(factories))
+        lim = args.limits
+        limits = Limits(lim.max_tokens, lim.default_max_tokens, lim.max_prompt_chars, lim.max_body_bytes,
+                        lim.request_timeout_s)
+        api_key = None
+        if args.auth.api_key_env is not None:
+            api_key = os.environ.get(args.auth.api_key_env)
+            if not api_key:
+                raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
+        self.gateway = Gateway(pipeline, args.model_name, limits, default_registry(factories), api_key)
 
     @http.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
-        return _respond(await self.gateway.chat(await request.body()))
+        return _respond(await self.gateway.chat(await request.body(), request.headers))
 
     @http.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        return _respond(await self.gateway.completions(await request.body()))
+        return _respond(await self.gateway.completions(await request.body(), request.headers))
 
     @http.get("/v1/models")
-    async def models(self) -> Response:
-        return _respond(self.gateway.models())
+    async def models(self, request: Request) -> Response:
+        return _respond(self.gateway.models(request.headers))
 
     @http.get("/health")
     async def health(self) -> Response:

@@ -81,6 +81,12 @@ class LimitArgs(_Strict):
     max_tokens: int = Field(default=512, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     max_prompt_chars: int = Field(default=32_000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
+    request_timeout_s: float = Field(default=60.0, gt=0)  # clients may ask for less (x-request-timeout-seconds)
+
+
+class AuthArgs(_Strict):
+    api_key_env: str | None = None  # name of the environment variable holding the API key; None = open
 
 
 class AppArgs(_Strict):
@@ -91,4 +97,5 @@ class AppArgs(_Strict):
     router: RouterArgs = RouterArgs()
     structured: StructuredArgs = StructuredArgs()
     limits: LimitArgs = LimitArgs()
+    auth: AuthArgs = AuthArgs()
     ingress: ReplicaArgs = ReplicaArgs(num_cpus=0.2, max_ongoing_requests=64, max_queued_requests=128)

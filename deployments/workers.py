@@ -127,6 +127,18 @@ class ValidatorDeployment:
         return await self.local.validate(constraint, text)
 
 
+async def _call(method, *args):
+    """A handle call; a full replica queue becomes the pipeline's :class:`Overloaded`."""
+    from ray.serve.exceptions import BackPressureError
+
+    from pipeline.errors import Overloaded
+
+    try:
+        return await method.remote(*args)
+    except BackPressureError as e:
+        raise Overloaded(f"{method} queue is full", retry_after=1.0) from e
+
+
 class DraftHandle:
     """``DraftService`` over a Drafter deployment handle."""
 
@@ -134,14 +146,14 @@ class DraftHandle:
         self.handle = handle
 
     async def draft(self, job: Job) -> TextResult:
-        return await self.handle.draft.remote(job)
+        return await _call(self.handle.draft, job)
 
     async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.handle.options(stream=True).draft_stream.remote(job):
             yield chunk
 
     async def speculate(self, job: Job) -> TextResult:
-        return await self.handle.speculate.remote(job)
+        return await _call(self.handle.speculate, job)
 
     async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.handle.options(stream=True).speculate_stream.remote(job):
@@ -155,14 +167,14 @@ class ARHandle:
         self.handle = handle
 
     async def generate(self, job: Job) -> TextResult:
-        return await self.handle.generate.remote(job)
+        return await _call(self.handle.generate, job)
 
     async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.handle.options(stream=True).stream.remote(job):
             yield chunk
 
     async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await self.handle.repair.remote(job, draft_text)
+        return await _call(self.handle.repair, job, draft_text)
 
 
 class ValidatorHandle:

@@ -70,8 +70,10 @@ def position_stats(logits: torch.Tensor, temperature: float = 1.0, seed: int = 0
     logp = x - lse.unsqueeze(-1)
     p = logp.exp()
     entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-    noisy = x + rng.gumbel(seed, gumbel_index(tuple(x.shape), x.device))
-    return PositionStats(x.argmax(-1), noisy.argmax(-1), entropy, lse)
+    b, c, v = x.shape
+    index = gumbel_index((1, c, v), x.device)  # one batch row at a time keeps the int64 counters small
+    sample = torch.stack([(x[i] + rng.gumbel(seed, index[0] + i * c * v)).argmax(-1) for i in range(b)])
+    return PositionStats(x.argmax(-1), sample, entropy, lse)
 
 
 def soft_embedding(logits: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

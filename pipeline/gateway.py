@@ -6,11 +6,13 @@ limits, model names, routing headers, error objects, streaming format) is testab
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Mapping
 
 from pydantic import ValidationError
 
@@ -29,7 +31,7 @@ from .api import (
     RouteInfo,
     Usage,
 )
-from .errors import BadRequest, ModelNotFound, PipelineError
+from .errors import BadRequest, DeadlineExceeded, ModelNotFound, PayloadTooLarge, PipelineError, Unauthorized
 from .interfaces import Constraint, Job
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
@@ -41,6 +43,8 @@ class Limits:
     max_tokens: int = 512  # largest max_tokens a request may ask for
     default_max_tokens: int = 256
     max_prompt_chars: int = 32_000
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 60.0  # a request may ask for less with x-request-timeout-seconds
 
 
 @dataclass
@@ -78,15 +82,42 @@ def _constraint(fmt) -> Constraint | None:
 
 
 class Gateway:
+    """``api_key``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``.
+    Header names are lower-case in the ``headers`` mappings."""
+
     def __init__(self, pipeline: Pipeline, model_name: str, limits: Limits | None = None,
-                 registry: ValidatorRegistry | None = None):
+                 registry: ValidatorRegistry | None = None, api_key: str | None = None):
         self.pipeline = pipeline
         self.model_name = model_name
         self.limits = limits or Limits()
         self.registry = registry or default_registry()
+        self.api_key = api_key or None
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise Unauthorized("missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key")
+
+    def deadline(self, headers: Mapping[str, str]) -> float:
+        raw = headers.get("x-request-timeout-seconds")
+        if raw is None:
+            return self.limits.request_timeout_s
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise BadRequest("x-request-timeout-seconds must be a number of seconds") from None
+        if not asked > 0:
+            raise BadRequest("x-request-timeout-seconds must be positive")
+        return min(asked, self.limits.request_timeout_s)
 
     # -- endpoints ----------------------------------------------------------------------------
-    def models(self) -> Reply:
+    def models(self, headers: Mapping[str, str] = {}) -> Reply:
+        try:
+            self.authorize(headers)
+        except PipelineError as e:
+            return error_reply(e)
         return Reply(200, ModelList(data=[ModelCard(id=self.model_name)]).model_dump())
 
     def health(self) -> Reply:
@@ -94,11 +125,11 @@ class Gateway:
         return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
                            "drafts_in_flight": self.pipeline.drafts_in_flight})
 
-    async def chat(self, raw: bytes) -> Reply:
-        return await self._handle(raw, ChatCompletionRequest, chat=True)
+    async def chat(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
+        return await self._handle(raw, headers, ChatCompletionRequest, chat=True)
 
-    async def completions(self, raw: bytes) -> Reply:
-        return await self._handle(raw, CompletionRequest, chat=False)
+    async def completions(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
+        return await self._handle(raw, headers, CompletionRequest, chat=False)
 
     # -- shared handling ------------------------------------------------------------------------
     def parse(self, raw: bytes, model_cls):
@@ -145,15 +176,23 @@ class Gateway:
                              temperature=req.temperature, requested=req.route)
         return job, self.pipeline.route(shape)
 
-    async def _handle(self, raw: bytes, model_cls, chat: bool) -> Reply:
+    async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:
         try:
+            self.authorize(headers)
+            if len(raw) > self.limits.max_body_bytes:
+                raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
+            timeout = self.deadline(headers)
             req = self.parse(raw, model_cls)
             job, decision = self.make_job(req, chat)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return Reply(200, stream=self._sse(job, decision, req.stop_list(), chat, include_usage),
+                return Reply(200, stream=self._sse(job, decision, req.stop_list(), chat, include_usage, timeout),
                              headers={"x-route": decision.header()})
-            outcome = await self.pipeline.run(job, decision, req.stop_list())
+            try:
+                outcome = await asyncio.wait_for(self.pipeline.run(job, decision, req.stop_list()), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
+                                       code="deadline_exceeded") from None
         except PipelineError as e:
             return error_reply(e)
         r = outcome.result
@@ -171,7 +210,7 @@ class Gateway:
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
 
     async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
-                   include_usage: bool) -> AsyncIterator[bytes]:
+                   include_usage: bool, timeout: float) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         route = {"path": decision.path, "reason": decision.reason}
@@ -193,7 +232,18 @@ class Gateway:
             if chat:
                 yield frame({"role": "assistant", "content": ""}, None, None)
             final = None
-            async for chunk in self.pipeline.stream(job, decision, stops):
+            end = asyncio.get_running_loop().time() + timeout
+            source = self.pipeline.stream(job, decision, stops).__aiter__()
+            while True:
+                left = end - asyncio.get_running_loop().time()
+                try:
+                    chunk = await asyncio.wait_for(source.__anext__(), max(left, 0.001))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    await source.aclose()
+                    raise DeadlineExceeded(f"stream exceeded the request deadline of {timeout:g} s",
+                                           code="deadline_exceeded") from None
                 if chunk.text:
                     yield frame({"content": chunk.text}, chunk.text, None)
                 if chunk.result is not None:

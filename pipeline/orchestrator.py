@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
-from .errors import OutputInvalid, PipelineError, Unavailable
+from .errors import OutputInvalid, Overloaded, PipelineError, Unavailable
 from .interfaces import ARService, DraftService, Job, TextChunk, TextResult, ValidationService
 from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
 
@@ -124,6 +124,10 @@ class Pipeline:
         self.drafts_in_flight += 1
         try:
             result = await call(job)
+        except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
+            stats["drafter_overloaded"] = True
+            result = await self.ar.generate(job)
+            return result, RouteDecision("ar", "drafter queue full; served by AR")
         except PipelineError:  # the request's own fault (e.g. a constraint too complex): no health hit
             raise
         except Exception as e:  # a failing drafter replica must not fail the request

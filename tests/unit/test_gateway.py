@@ -76,3 +76,32 @@ def test_completions_prompt(gateway):
     reply = asyncio.run(gateway.completions(json.dumps(
         {"model": "dgserve-tiny", "prompt": "Oslo is", "max_tokens": 8, "route": "ar"}).encode()))
     assert reply.status == 200 and reply.body["object"] == "text_completion"
+
+
+def test_api_key_is_required_everywhere_but_health(gateway):
+    from pipeline.gateway import Gateway
+
+    locked = Gateway(gateway.pipeline, "dgserve-tiny", gateway.limits, gateway.registry, api_key="s3cret")
+    body = json.dumps({"model": "dgserve-tiny", "messages": msg(), "route": "ar", "max_tokens": 4}).encode()
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        assert asyncio.run(locked.chat(body, headers)).status == 401
+        assert asyncio.run(locked.completions(b"{}", headers)).status == 401
+        reply = locked.models(headers)
+        assert reply.status == 401 and reply.body["error"]["code"] == "invalid_api_key"
+    good = {"authorization": "Bearer s3cret"}
+    assert asyncio.run(locked.chat(body, good)).status == 200
+    assert locked.models(good).status == 200
+    assert locked.health().status == 200
+
+
+def test_body_cap_and_deadline(gateway):
+    from pipeline.gateway import Gateway, Limits
+
+    small = Gateway(gateway.pipeline, "dgserve-tiny", Limits(max_body_bytes=100, request_timeout_s=30))
+    big = json.dumps({"model": "dgserve-tiny", "messages": msg("x" * 200)}).encode()
+    assert asyncio.run(small.chat(big)).status == 413
+    body = json.dumps({"model": "dgserve-tiny", "messages": msg(), "max_tokens": 64, "route": "ar"}).encode()
+    reply = asyncio.run(gateway.chat(body, {"x-request-timeout-seconds": "0.001"}))
+    assert reply.status == 504 and reply.body["error"]["code"] == "deadline_exceeded"
+    assert asyncio.run(gateway.chat(body, {"x-request-timeout-seconds": "soon"})).status == 400
+    assert asyncio.run(gateway.chat(body, {"x-request-timeout-seconds": "30"})).status == 200
