@@ -102,12 +102,23 @@ class Pipeline:
         load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy())
         return choose_route(shape, load, self.policy)
 
+    async def _ar(self, method, *args) -> TextResult:
+        """An AR call; a failing verifier is a clean 503 (the request may be retried), never a hang
+        or a stack trace."""
+        try:
+            return await method(*args)
+        except PipelineError:
+            raise
+        except Exception as e:
+            raise Unavailable(f"the AR verifier failed ({type(e).__name__}); retry shortly",
+                              retry_after=1.0, code="verifier_unavailable") from e
+
     # -- non-streaming ----------------------------------------------------------------------
     async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None) -> Outcome:
         stops = stops or []
         stats: dict = {}
         if decision.path == "ar":
-            result = await self.ar.generate(job)
+            result = await self._ar(self.ar.generate, job)
             stats.update(result.stats)
         else:
             result, decision = await self._draft_or_ar(job, decision, stats)
@@ -126,14 +137,14 @@ class Pipeline:
             result = await call(job)
         except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
             stats["drafter_overloaded"] = True
-            result = await self.ar.generate(job)
+            result = await self._ar(self.ar.generate, job)
             return result, RouteDecision("ar", "drafter queue full; served by AR")
         except PipelineError:  # the request's own fault (e.g. a constraint too complex): no health hit
             raise
         except Exception as e:  # a failing drafter replica must not fail the request
             self.health.failure()
             stats["drafter_error"] = type(e).__name__
-            result = await self.ar.generate(job)
+            result = await self._ar(self.ar.generate, job)
             return result, RouteDecision("ar", f"drafter failed ({type(e).__name__}); served by AR")
         finally:
             self.drafts_in_flight -= 1
@@ -147,9 +158,9 @@ class Pipeline:
         verdict = await self.validator.validate(job.constraint, result.text)
         stats["draft_valid"] = verdict.ok
         errors = list(verdict.errors)
-        candidates = [("repair", lambda: self.ar.repair(job, result.text))]
+        candidates = [("repair", lambda: self._ar(self.ar.repair, job, result.text))]
         if self.structured.on_repair_failure == "fallback":
-            candidates.append(("fallback", lambda: self.ar.generate(job)))
+            candidates.append(("fallback", lambda: self._ar(self.ar.generate, job)))
         while not verdict.ok and candidates:
             name, attempt = candidates.pop(0)
             stats[f"{name}_used"] = True
@@ -188,7 +199,7 @@ class Pipeline:
         sent = ""
         self.drafts_in_flight += decision.path != "ar"
         try:
-            async for chunk in source:
+            async for chunk in _guard_stream(source, decision.path):
                 if chunk.result is not None:
                     final = chunk.result
                     break
@@ -216,3 +227,14 @@ def _apply_stops(result: TextResult, stops: list[str]) -> TextResult:
         return result
     text, hit = cut_at_stop(result.text, stops)
     return replace(result, text=text, finished=result.finished or hit) if hit else result
+
+
+async def _guard_stream(source: AsyncIterator[TextChunk], path: str) -> AsyncIterator[TextChunk]:
+    """A backend failing mid-stream ends the stream with a clean 503 error frame."""
+    try:
+        async for chunk in source:
+            yield chunk
+    except PipelineError:
+        raise
+    except Exception as e:
+        raise Unavailable(f"the {path} backend failed mid-stream ({type(e).__name__})", retry_after=1.0) from e

@@ -127,3 +127,31 @@ def test_stop_sequences():
     s = StopScanner(["END"])
     out = "".join(s.push(p) for p in ["he", "llo E", "N", "D more"])
     assert out == "hello " and s.stopped
+
+
+class BrokenAR:
+    async def generate(self, job):
+        raise RuntimeError("verifier replica died")
+
+    repair = generate
+
+    async def stream(self, job):
+        raise RuntimeError("verifier replica died")
+        yield  # pragma: no cover
+
+
+def test_failing_verifier_is_a_clean_503(backends):
+    from pipeline.errors import Unavailable
+
+    drafter, _, validator = backends
+    pipe = Pipeline(drafter, BrokenAR(), validator)
+    ex = tasks.example("eval", 56, 0, kind="prose")
+    with pytest.raises(Unavailable) as e:
+        run(pipe.run(job_for(ex), RouteDecision("ar", "test")))
+    assert e.value.status == 503 and e.value.retry_after
+
+    async def drain():
+        return [c async for c in pipe.stream(job_for(ex), RouteDecision("ar", "test"))]
+
+    with pytest.raises(Unavailable):
+        run(drain())
