@@ -54,8 +54,9 @@ if triton is not None:
             cmax = tl.max(x, 0)
             new_m = tl.maximum(m, cmax)
             finite = new_m > float("-inf")
-            scale = tl.where(finite, tl.exp(m - new_m), 0.0)
-            e = tl.where(finite, tl.exp(x - new_m), 0.0)
+            ref = tl.where(finite, new_m, 0.0)  # avoids -inf - -inf while everything is masked
+            scale = tl.where(finite, tl.exp(m - ref), 0.0)
+            e = tl.where(finite, tl.exp(x - ref), 0.0)
             s = s * scale + tl.sum(e, 0)
             t = t * scale + tl.sum(e * tl.where(e > 0, x, 0.0), 0)
             m = new_m
@@ -91,8 +92,9 @@ if triton is not None:
             x = tl.load(logits_ptr + row * V + offs, mask=valid, other=float("-inf")).to(tl.float32)
             new_m = tl.maximum(m, tl.max(x, 0))
             finite = new_m > float("-inf")
-            scale = tl.where(finite, tl.exp(m - new_m), 0.0)
-            e = tl.where(finite, tl.exp(x - new_m), 0.0)
+            ref = tl.where(finite, new_m, 0.0)
+            scale = tl.where(finite, tl.exp(m - ref), 0.0)
+            e = tl.where(finite, tl.exp(x - ref), 0.0)
             emb = tl.load(emb_ptr + offs[:, None] * H + cols[None, :], mask=valid[:, None] & hmask[None, :],
                           other=0.0).to(tl.float32)
             acc = acc * scale + tl.sum(e[:, None] * emb, 0)

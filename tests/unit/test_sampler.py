@@ -39,10 +39,9 @@ def test_sampler_step_keeps_confident_positions_and_renoises_the_rest():
     uniform = [0.0, 0.0, 0.0, 0.0]
     logits = torch.tensor([[two_way_logits(0.9), uniform, uniform]])
     canvas = torch.tensor([[3, 3, 3]])
-    gen = torch.Generator().manual_seed(0)
     seen_noise = set()
-    for _ in range(50):
-        st = sampler_step(logits, canvas, 0.1, gen)
+    for seed in range(50):
+        st = sampler_step(logits, canvas, 0.1, seed=seed)
         assert st.accepted.tolist() == [[True, False, False]]
         assert st.argmax[0, 0] == 0
         assert st.canvas[0, 0] == st.sample[0, 0]
@@ -53,5 +52,5 @@ def test_sampler_step_keeps_confident_positions_and_renoises_the_rest():
 def test_second_position_is_accepted_when_the_first_is_confident():
     # H = [0.008, 1.386]: the second's cumulative-minus-current is 0.008 <= 0.1, so both are kept.
     logits = torch.tensor([[two_way_logits(0.999), [0.0, 0.0, 0.0, 0.0]]])
-    st = sampler_step(logits, torch.tensor([[3, 3]]), 0.1, torch.Generator().manual_seed(0))
+    st = sampler_step(logits, torch.tensor([[3, 3]]), 0.1, seed=0)
     assert st.accepted.tolist() == [[True, True]]
