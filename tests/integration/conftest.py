@@ -32,7 +32,8 @@ def app_url(ray_cluster):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"drafter": {"device": "cpu", "dtype": "float32"},
+    # a 20 ms batching window makes concurrent requests meet in one denoising batch deterministically
+    args = {"drafter": {"device": "cpu", "dtype": "float32", "batch_wait_timeout_s": 0.02},
             "limits": {"max_tokens": 256, "default_max_tokens": 128}}
     serve.run(build_app(args), name="dgserve", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
