@@ -8,7 +8,6 @@ ends its answer with ``<eos>``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
@@ -52,12 +51,6 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def encode_prompt(tokenizer, user_message: str) -> list[int]:

@@ -89,6 +89,19 @@ async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], objec
         cancelled.set()
 
 
+async def _stream_in_thread(tokenizer, produce, finish) -> AsyncIterator[TextChunk]:
+    """Text chunks from a model call in a thread: ``produce(emit)`` emits token-id lists and returns
+    the call's result; ``finish(result, ids)`` turns it into the closing :class:`TextResult`."""
+    delta = TextDelta(tokenizer)
+    async for item in _iterate_in_thread(produce):
+        if isinstance(item, tuple) and item[0] == "__result__":
+            yield TextChunk("", finish(item[1], delta.ids))
+        else:
+            piece = delta.push(item)
+            if piece:
+                yield TextChunk(piece)
+
+
 def grammar_for(grammar, job: Job, build):
     """``build()`` a grammar object for ``job``'s constraint, or None when there is none or the
     engine cannot compile it (decoding then runs free and validation alone decides). A compile
@@ -156,22 +169,12 @@ class LocalDrafter:
     async def speculate(self, job: Job) -> TextResult:
         return await asyncio.to_thread(self.speculate_sync, job)
 
-    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
-        delta = TextDelta(self.tokenizer)
-
-        def produce(emit):
-            return self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit)
-
-        async for item in _iterate_in_thread(produce):
-            if isinstance(item, tuple) and item[0] == "__result__":
-                r = item[1]
-                yield TextChunk("", TextResult(r.text, len(prompt), len(r.token_ids), r.finished,
-                                               speculative_stats(r)))
-            else:
-                piece = delta.push(item)
-                if piece:
-                    yield TextChunk(piece)
+        return _stream_in_thread(
+            self.tokenizer,
+            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit),
+            lambda r, ids: TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r)))
 
     def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
         """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""
@@ -189,22 +192,16 @@ class LocalDrafter:
     async def draft(self, job: Job) -> TextResult:
         return (await self.draft_many([job]))[0]
 
-    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
-        delta = TextDelta(self.tokenizer)
 
         def produce(emit):
             return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, seed=job.seed,
                                       on_canvas=lambda row, idx, new: emit(list(new)))[0]
 
-        async for item in _iterate_in_thread(produce):
-            if isinstance(item, tuple) and item[0] == "__result__":
-                d = item[1]
-                yield TextChunk("", TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d)))
-            else:
-                piece = delta.push(item)
-                if piece:
-                    yield TextChunk(piece)
+        return _stream_in_thread(
+            self.tokenizer, produce,
+            lambda d, ids: TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d)))
 
 
 class LocalAR:
@@ -259,9 +256,8 @@ class LocalAR:
         return self.verifier.stream(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature,
                                     logits_processor=self._processor(job), seed=job.seed)
 
-    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
-        delta = TextDelta(self.tokenizer)
 
         def produce(emit):
             n = 0
@@ -270,15 +266,11 @@ class LocalAR:
                 emit([tok])
             return n
 
-        async for item in _iterate_in_thread(produce):
-            if isinstance(item, tuple) and item[0] == "__result__":
-                n = item[1]
-                text = self.tokenizer.decode(delta.ids, skip_special_tokens=True)
-                yield TextChunk("", TextResult(text, len(prompt), n, n < job.max_tokens, {}))
-            else:
-                piece = delta.push(item)
-                if piece:
-                    yield TextChunk(piece)
+        def finish(n, ids):  # fewer tokens than the budget means <eos> ended it
+            return TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), n,
+                              n < job.max_tokens, {})
+
+        return _stream_in_thread(self.tokenizer, produce, finish)
 
 
 class LocalValidator:
