@@ -237,15 +237,16 @@ class GrammarCanvasHook:
             return None
         m = self.base.fork()
         argmax = logits.argmax(-1).tolist()
-        allowed = torch.ones(logits.shape, dtype=torch.bool)
         for p, t in enumerate(argmax):
             if m.is_terminated():  # after <eos>: the rest of the canvas is padding
+                allowed = torch.ones(logits.shape, dtype=torch.bool)
                 allowed[p:] = False
                 allowed[p:, self.engine.pad_id] = True
                 allowed[p:, self.engine.eos_id] = True
-                break
+                return allowed
             if not m.accept_token(int(t)):
+                allowed = torch.ones(logits.shape, dtype=torch.bool)
                 allowed[p] = self.engine.allowed(m)
                 self.masked_steps += 1
-                break
-        return allowed
+                return allowed
+        return None  # the whole argmax canvas is grammatical: nothing to mask (no [canvas, vocab] mask built)
