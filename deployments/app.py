@@ -16,9 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.gateway import Gateway, Limits, Reply
 from pipeline.orchestrator import DrafterHealth, Pipeline, StructuredPolicy
 from pipeline.router import RouterPolicy
+from pipeline.telemetry import configure_tracing
 from pipeline.validation import default_registry, load_validator_factory
 
 from .config import AppArgs
+from .metrics import ServeMetrics
 from .workers import ARHandle, DraftHandle, DrafterDeployment, ValidatorDeployment, ValidatorHandle, VerifierDeployment
 
 http = FastAPI(title="dgserve", description="OpenAI-compatible DiffusionGemma + AR serving")
@@ -54,6 +56,7 @@ def _respond(reply: Reply) -> Response:
 @serve.ingress(http)
 class Ingress:
     def __init__(self, args: AppArgs, drafter, ar, validator):
+        configure_tracing("ingress")
         factories = {k: load_validator_factory(v) for k, v in args.validator.validators.items()}
         policy = RouterPolicy(args.router.drafter_queue_threshold, args.router.prose_route,
                               args.router.greedy_prose_route)
@@ -68,7 +71,8 @@ class Ingress:
             api_key = os.environ.get(args.auth.api_key_env)
             if not api_key:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
-        self.gateway = Gateway(pipeline, args.model_name, limits, default_registry(factories), api_key)
+        self.gateway = Gateway(pipeline, args.model_name, limits, default_registry(factories), api_key,
+                               ServeMetrics())
 
     @http.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:

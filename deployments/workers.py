@@ -7,6 +7,7 @@ from typing import AsyncIterator
 from ray import serve
 
 from pipeline.interfaces import Constraint, Job, TextChunk, TextResult, Verdict
+from pipeline.telemetry import configure_tracing
 
 from .config import DrafterArgs, StructuredArgs, ValidatorArgs, VerifierArgs
 
@@ -39,6 +40,7 @@ class DrafterDeployment:
         from models.verifier import ARVerifier
         from pipeline.local import LocalAR, LocalDrafter
 
+        configure_tracing("drafter")
         _threads(args.torch_threads)
         drafter = DiffusionDrafter.from_pretrained(args.checkpoint, args.device, args.dtype)
         if args.max_denoising_steps is not None:
@@ -99,6 +101,7 @@ class VerifierDeployment:
         from models.verifier import ARVerifier
         from pipeline.local import LocalAR
 
+        configure_tracing("verifier")
         _threads(args.torch_threads)
         verifier = ARVerifier.from_pretrained(args.checkpoint, "causal", args.device, args.dtype)
         self.ar = LocalAR(verifier, _grammar(verifier, structured))
@@ -120,11 +123,12 @@ class ValidatorDeployment:
         from pipeline.local import LocalValidator
         from pipeline.validation import default_registry, load_validator_factory
 
+        configure_tracing("validator")
         factories = {k: load_validator_factory(v) for k, v in args.validators.items()}
         self.local = LocalValidator(default_registry(factories))
 
-    async def validate(self, constraint: Constraint, text: str) -> Verdict:
-        return await self.local.validate(constraint, text)
+    async def validate(self, constraint: Constraint, text: str, trace: dict[str, str] | None = None) -> Verdict:
+        return await self.local.validate(constraint, text, trace)
 
 
 async def _call(method, *args):
@@ -181,5 +185,5 @@ class ValidatorHandle:
     def __init__(self, handle):
         self.handle = handle
 
-    async def validate(self, constraint: Constraint, text: str) -> Verdict:
-        return await self.handle.validate.remote(constraint, text)
+    async def validate(self, constraint: Constraint, text: str, trace: dict[str, str] | None = None) -> Verdict:
+        return await _call(self.handle.validate, constraint, text, trace)

@@ -71,6 +71,8 @@ class Draft:
     tokens_per_forward: float  # (output tokens + <eos>) / decoder forwards
     first_canvas_s: float  # time to the first committed canvas (time to first token)
     total_s: float
+    canvas_ends_s: tuple[float, ...] = ()  # seconds from the draft's start to each canvas commit
+    tokens_per_canvas: tuple[int, ...] = ()  # output tokens each canvas added (<eos> excluded)
 
 
 @dataclass
@@ -82,6 +84,8 @@ class DraftRow:
     hook: CanvasHook | None
     tokens: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
+    canvas_ends: list[float] = field(default_factory=list)
+    canvas_tokens: list[int] = field(default_factory=list)
     finished: bool = False
     done: bool = False
     first_canvas_s: float = 0.0
@@ -185,6 +189,8 @@ class DiffusionDrafter:
                 if cut is not None:
                     new, row.finished = new[:cut], True
                 row.tokens.extend(new)
+                row.canvas_ends.append(now)
+                row.canvas_tokens.append(len(new))
                 if canvas_index == 0:
                     row.first_canvas_s = now
                 if on_canvas is not None:
@@ -217,6 +223,8 @@ class DiffusionDrafter:
                 tokens_per_forward=produced / forwards,
                 first_canvas_s=row.first_canvas_s,
                 total_s=row.total_s,
+                canvas_ends_s=tuple(row.canvas_ends),
+                tokens_per_canvas=tuple(row.canvas_tokens),
             ))
         return drafts
 

@@ -44,6 +44,8 @@ class SpeculativeResult:
     verifier_forwards: int  # prefill + one verify forward per round
     denoising_steps: int
     total_s: float
+    round_steps: tuple[int, ...] = ()  # denoising steps of each round's draft
+    round_ends_s: tuple[float, ...] = ()  # seconds from the start to the end of each round
 
     @property
     def mean_accepted(self) -> float:
@@ -83,6 +85,8 @@ class SpeculativeDecoder:
         cur = len(prompt)
         out: list[int] = []
         accepted: list[int] = []
+        round_steps: list[int] = []
+        round_ends: list[float] = []
         forwards, steps, finished = 1, 0, False
         while True:
             if nxt in self.eos_ids:
@@ -93,6 +97,7 @@ class SpeculativeDecoder:
             ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
             canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)[0].tolist()
             steps += row.steps[-1]
+            round_steps.append(row.steps[-1])
             canvas = canvas[: max_new_tokens - len(out)]
             cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
             if cut is not None:
@@ -112,6 +117,7 @@ class SpeculativeDecoder:
                 d.encode(dcache, kt, torch.ones(1, cur + k, dtype=torch.bool, device=dev), cur)
             cur += k
             accepted.append(k)
+            round_ends.append(time.perf_counter() - start)
             emitted = keep[:-1] if keep[-1] in self.eos_ids else keep
             out.extend(emitted)
             if on_tokens is not None and emitted:
@@ -131,6 +137,8 @@ class SpeculativeDecoder:
             verifier_forwards=forwards,
             denoising_steps=steps,
             total_s=time.perf_counter() - start,
+            round_steps=tuple(round_steps),
+            round_ends_s=tuple(round_ends),
         )
 
 

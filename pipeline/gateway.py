@@ -16,6 +16,8 @@ from typing import Any, AsyncIterator, Mapping
 
 from pydantic import ValidationError
 
+from . import telemetry
+
 from .api import (
     AssistantMessage,
     ChatChoice,
@@ -35,6 +37,7 @@ from .errors import BadRequest, DeadlineExceeded, ModelNotFound, PayloadTooLarge
 from .interfaces import Constraint, Job
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
+from .telemetry import Metrics, NoMetrics, RequestObservation
 from .validation import ConstraintError, ValidatorRegistry, default_registry
 
 
@@ -81,17 +84,88 @@ def _constraint(fmt) -> Constraint | None:
     return Constraint(fmt.type, None)
 
 
+class RequestRecord:
+    """One request's root span and clock; ``close`` ends the span and reports the metrics."""
+
+    def __init__(self, operation: str, model: str, headers: Mapping[str, str], metrics: Metrics):
+        self.start = time.perf_counter()
+        self.metrics = metrics
+        self.model = model
+        self.span = telemetry.start_request_span(f"{operation} {model}", headers)
+        telemetry.attributes(self.span, {telemetry.GEN_AI_OPERATION: operation, telemetry.GEN_AI_PROVIDER: "dgserve",
+                                         telemetry.GEN_AI_REQUEST_MODEL: model})
+        self.carrier = telemetry.carrier_of(self.span)
+        self.route = "none"
+        self.stream = False
+        self.structured = False
+        self.first_chunk_s: float | None = None
+        self.stats: dict[str, Any] = {}  # filled by the pipeline as its stages run
+        self.closed = False
+
+    def request(self, job: Job, decision: RouteDecision, stream: bool) -> None:
+        self.route, self.stream, self.structured = decision.path, stream, job.constraint is not None
+        telemetry.attributes(self.span, {
+            telemetry.GEN_AI_MAX_TOKENS: job.max_tokens, telemetry.GEN_AI_TEMPERATURE: job.temperature,
+            telemetry.GEN_AI_OUTPUT_TYPE: "json" if job.constraint is not None else "text",
+            "dgserve.route": decision.path, "dgserve.route_reason": decision.reason, "dgserve.stream": stream,
+            "dgserve.request_id": job.request_id,
+        })
+        if job.seed is not None:
+            self.span.set_attribute(telemetry.GEN_AI_SEED, job.seed)
+        if job.constraint is not None:
+            self.span.set_attribute("dgserve.constraint", job.constraint.kind)
+
+    def first_chunk(self) -> None:
+        if self.first_chunk_s is None:
+            self.first_chunk_s = time.perf_counter() - self.start
+
+    def close(self, status: int, result=None, stats: Mapping[str, Any] | None = None,
+              decision: RouteDecision | None = None, response_id: str | None = None,
+              error: PipelineError | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if decision is not None and decision.path != self.route:  # the drafter failed over to AR
+            self.route = decision.path
+            telemetry.attributes(self.span, {"dgserve.route": decision.path, "dgserve.route_reason": decision.reason})
+        stats = {**self.stats, **(stats or {})}
+        self.span.set_attribute("http.response.status_code", status)
+        if result is not None:
+            telemetry.attributes(self.span, {
+                telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens, telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens,
+                telemetry.GEN_AI_RESPONSE_MODEL: self.model,
+            })
+            self.span.set_attribute(telemetry.GEN_AI_FINISH_REASONS, ["stop" if result.finished else "length"])
+        if response_id:
+            self.span.set_attribute(telemetry.GEN_AI_RESPONSE_ID, response_id)
+        for key in ("draft_valid", "repair_used", "fallback_used", "validated", "drafter_overloaded", "drafter_error"):
+            if key in stats:
+                self.span.set_attribute(f"dgserve.{key}", stats[key])
+        if error is not None:
+            telemetry.fail(self.span, error)
+        self.span.end()
+        total = time.perf_counter() - self.start
+        try:
+            self.metrics.observe(RequestObservation(self.route, status, self.stream, self.structured, total,
+                                                    self.first_chunk_s, stats))
+        except Exception:  # metrics must never fail a request
+            pass
+
+
 class Gateway:
     """``api_key``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``.
-    Header names are lower-case in the ``headers`` mappings."""
+    Header names are lower-case in the ``headers`` mappings. ``metrics`` receives one
+    :class:`RequestObservation` per answered request."""
 
     def __init__(self, pipeline: Pipeline, model_name: str, limits: Limits | None = None,
-                 registry: ValidatorRegistry | None = None, api_key: str | None = None):
+                 registry: ValidatorRegistry | None = None, api_key: str | None = None,
+                 metrics: Metrics | None = None):
         self.pipeline = pipeline
         self.model_name = model_name
         self.limits = limits or Limits()
         self.registry = registry or default_registry()
         self.api_key = api_key or None
+        self.metrics = metrics or NoMetrics()
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         if self.api_key is None:
@@ -145,7 +219,7 @@ class Gateway:
             msg, param = _pydantic_message(e)
             raise BadRequest(msg, param=param) from None
 
-    def make_job(self, req, chat: bool) -> tuple[Job, RouteDecision]:
+    def make_job(self, req, chat: bool, trace: dict[str, str] | None = None) -> tuple[Job, RouteDecision]:
         if req.model != self.model_name:
             raise ModelNotFound(f"model {req.model!r} does not exist; available: [{self.model_name!r}]",
                                 param="model", code="model_not_found")
@@ -171,30 +245,38 @@ class Gateway:
                 raise BadRequest(str(e), param="response_format") from None
         job = Job(messages=messages, prompt=None if chat else req.prompt, max_tokens=limit,
                   temperature=req.temperature, seed=req.seed, constraint=constraint,
-                  request_id=uuid.uuid4().hex)
+                  request_id=uuid.uuid4().hex, trace=dict(trace or {}))
         shape = RequestShape(structured=constraint is not None, stream=req.stream,
                              temperature=req.temperature, requested=req.route)
-        return job, self.pipeline.route(shape)
+        return job, self.pipeline.route(shape, job.trace)
 
     async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:
+        record = RequestRecord("chat" if chat else "text_completion", self.model_name, headers, self.metrics)
         try:
             self.authorize(headers)
             if len(raw) > self.limits.max_body_bytes:
                 raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
             timeout = self.deadline(headers)
             req = self.parse(raw, model_cls)
-            job, decision = self.make_job(req, chat)
+            job, decision = self.make_job(req, chat, record.carrier)
+            record.request(job, decision, req.stream)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return Reply(200, stream=self._sse(job, decision, req.stop_list(), chat, include_usage, timeout),
-                             headers={"x-route": decision.header()})
+                stream = self._sse(job, decision, req.stop_list(), chat, include_usage, timeout, record)
+                return Reply(200, stream=stream, headers={"x-route": decision.header()})
             try:
-                outcome = await asyncio.wait_for(self.pipeline.run(job, decision, req.stop_list()), timeout)
+                outcome = await asyncio.wait_for(self.pipeline.run(job, decision, req.stop_list(), record.stats),
+                                                 timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
                                        code="deadline_exceeded") from None
         except PipelineError as e:
-            return error_reply(e)
+            reply = error_reply(e)
+            record.close(reply.status, error=e)
+            return reply
+        except BaseException as e:
+            record.close(500, error=PipelineError(f"internal error ({type(e).__name__})"))
+            raise
         r = outcome.result
         usage = Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                       total_tokens=r.prompt_tokens + r.completion_tokens)
@@ -207,10 +289,11 @@ class Gateway:
         else:
             body = Completion(model=self.model_name, usage=usage, route=route, stats=stats,
                               choices=[CompletionChoice(text=r.text, finish_reason=finish)])
+        record.close(200, r, outcome.stats, outcome.decision, body.id)
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
 
     async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
-                   include_usage: bool, timeout: float) -> AsyncIterator[bytes]:
+                   include_usage: bool, timeout: float, record: RequestRecord) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         route = {"path": decision.path, "reason": decision.reason}
@@ -233,7 +316,7 @@ class Gateway:
                 yield frame({"role": "assistant", "content": ""}, None, None)
             final = None
             end = asyncio.get_running_loop().time() + timeout
-            source = self.pipeline.stream(job, decision, stops).__aiter__()
+            source = self.pipeline.stream(job, decision, stops, record.stats).__aiter__()
             while True:
                 left = end - asyncio.get_running_loop().time()
                 try:
@@ -245,6 +328,7 @@ class Gateway:
                     raise DeadlineExceeded(f"stream exceeded the request deadline of {timeout:g} s",
                                            code="deadline_exceeded") from None
                 if chunk.text:
+                    record.first_chunk()
                     yield frame({"content": chunk.text}, chunk.text, None)
                 if chunk.result is not None:
                     final = chunk.result
@@ -254,9 +338,14 @@ class Gateway:
                 usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
                          "total_tokens": final.prompt_tokens + final.completion_tokens}
                 yield frame(None, None, None, usage)
+            record.close(200, final, response_id=cid)
         except PipelineError as e:
+            record.close(e.status, error=e)
             yield f"data: {json.dumps(error_reply(e).body)}\n\n".encode()
-        except Exception:
+        except Exception as e:
+            record.close(500, error=PipelineError(f"internal error while streaming ({type(e).__name__})"))
             body = ErrorResponse(error=ErrorBody(message="internal error while streaming", type="server_error"))
             yield f"data: {json.dumps(body.model_dump())}\n\n".encode()
+        finally:  # the client went away mid-stream
+            record.close(499)
         yield b"data: [DONE]\n\n"

@@ -95,4 +95,6 @@ class ARService(Protocol):
 
 
 class ValidationService(Protocol):
-    async def validate(self, constraint: Constraint, text: str) -> Verdict: ...
+    async def validate(self, constraint: Constraint, text: str, trace: dict[str, str] | None = None) -> Verdict:
+        """``trace``: the W3C carrier of the caller's span (see ``pipeline/telemetry.py``)."""
+        ...

@@ -10,6 +10,7 @@ import asyncio
 import threading
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
+from . import telemetry
 from .errors import BadRequest
 from .interfaces import Job, TextChunk, TextResult
 from .validation import ValidatorRegistry, default_registry
@@ -122,6 +123,7 @@ def grammar_for(grammar, job: Job, build):
 def draft_stats(d) -> dict:
     return {
         "canvases": len(d.steps_per_canvas),
+        "canvas_steps": list(d.steps_per_canvas),
         "denoising_steps": sum(d.steps_per_canvas),
         "steps_per_canvas": round(sum(d.steps_per_canvas) / max(1, len(d.steps_per_canvas)), 2),
         "tokens_per_forward": round(d.tokens_per_forward, 2),
@@ -134,6 +136,7 @@ def speculative_stats(r) -> dict:
     return {
         "drafts": r.drafts,
         "mean_accepted": round(r.mean_accepted, 3),
+        "accepted": list(r.accepted),
         "verifier_forwards": r.verifier_forwards,
         "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
         "denoising_steps": r.denoising_steps,
@@ -163,7 +166,9 @@ class LocalDrafter:
 
     def speculate_sync(self, job: Job) -> TextResult:
         prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
         r = self._spec().generate(prompt, job.max_tokens, seed=job.seed)
+        telemetry.record_speculation(job.trace, start, r)
         return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
 
     async def speculate(self, job: Job) -> TextResult:
@@ -171,17 +176,25 @@ class LocalDrafter:
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
+
+        def finish(r, ids):
+            telemetry.record_speculation(job.trace, start, r)
+            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
         return _stream_in_thread(
             self.tokenizer,
-            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit),
-            lambda r, ids: TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r)))
+            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit), finish)
 
     def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
         """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""
         prompts = [encode_job(self.tokenizer, j) for j in jobs]
         seed = next((j.seed for j in jobs if j.seed is not None), None)
         hooks = [self._hook(j) for j in jobs]
+        start = telemetry.now_ns()
         drafts = self.drafter.draft(prompts, max_new_tokens=[j.max_tokens for j in jobs], hooks=hooks, seed=seed)
+        for j, d in zip(jobs, drafts):  # one batch, one span tree per request's own trace
+            telemetry.record_draft(j.trace, start, d, len(jobs))
         return [TextResult(d.text, len(p), len(d.token_ids), d.finished,
                            {**draft_stats(d), "batch_size": len(jobs), "canvas_guided": h is not None})
                 for p, d, h in zip(prompts, drafts, hooks)]
@@ -194,14 +207,17 @@ class LocalDrafter:
 
     def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
 
         def produce(emit):
             return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, seed=job.seed,
                                       on_canvas=lambda row, idx, new: emit(list(new)))[0]
 
-        return _stream_in_thread(
-            self.tokenizer, produce,
-            lambda d, ids: TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d)))
+        def finish(d, ids):
+            telemetry.record_draft(job.trace, start, d, 1)
+            return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d))
+
+        return _stream_in_thread(self.tokenizer, produce, finish)
 
 
 class LocalAR:
@@ -232,19 +248,26 @@ class LocalAR:
                            "constrained": processor is not None})
 
     def generate_sync(self, job: Job) -> TextResult:
-        return self._run(job, encode_job(self.tokenizer, job), [], job.max_tokens)
+        with telemetry.span("ar.generate", job.trace) as sp:
+            result = self._run(job, encode_job(self.tokenizer, job), [], job.max_tokens)
+            _ar_attributes(sp, result)
+            return result
 
     def repair_sync(self, job: Job, draft_text: str) -> TextResult:
         """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""
-        prompt = encode_job(self.tokenizer, job)
-        c = job.constraint
-        ids = self.tokenizer(draft_text, add_special_tokens=False)["input_ids"][: job.max_tokens - 1]
-        keep = grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
-        if keep is None:  # no grammar for this constraint: answer afresh
-            return self.generate_sync(job)
-        result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
-        return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
-                          {**result.stats, "repair_reused_tokens": keep, "draft_tokens": len(ids)})
+        with telemetry.span("ar.repair", job.trace) as sp:
+            prompt = encode_job(self.tokenizer, job)
+            c = job.constraint
+            ids = self.tokenizer(draft_text, add_special_tokens=False)["input_ids"][: job.max_tokens - 1]
+            keep = grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
+            if keep is None:  # no grammar for this constraint: answer afresh
+                result = self._run(job, prompt, [], job.max_tokens)
+            else:
+                result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
+                result = TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
+                                    {**result.stats, "repair_reused_tokens": keep, "draft_tokens": len(ids)})
+            _ar_attributes(sp, result)
+            return result
 
     async def repair(self, job: Job, draft_text: str) -> TextResult:
         return await asyncio.to_thread(self.repair_sync, job, draft_text)
@@ -258,6 +281,7 @@ class LocalAR:
 
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
 
         def produce(emit):
             n = 0
@@ -267,10 +291,21 @@ class LocalAR:
             return n
 
         def finish(n, ids):  # fewer tokens than the budget means <eos> ended it
-            return TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), n,
-                              n < job.max_tokens, {})
+            result = TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), n,
+                                n < job.max_tokens, {})
+            sp = telemetry.tracer().start_span("ar.stream", context=telemetry.parent(job.trace), start_time=start)
+            _ar_attributes(sp, result)
+            sp.end()
+            return result
 
         return _stream_in_thread(self.tokenizer, produce, finish)
+
+
+def _ar_attributes(span, result: TextResult) -> None:
+    telemetry.attributes(span, {telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens,
+                                telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens,
+                                "dgserve.finished": result.finished})
+    telemetry.attributes(span, result.stats, "dgserve.")
 
 
 class LocalValidator:
@@ -279,5 +314,11 @@ class LocalValidator:
     def __init__(self, registry: ValidatorRegistry | None = None):
         self.registry = registry or default_registry()
 
-    async def validate(self, constraint, text):
-        return self.registry.validate(constraint, text)
+    async def validate(self, constraint, text, trace=None):
+        with telemetry.span("validator.validate", trace, attrs={"dgserve.constraint": constraint.kind}) as sp:
+            verdict = self.registry.validate(constraint, text)
+            telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok,
+                                      "dgserve.validation.errors": len(verdict.errors)})
+            if verdict.errors:
+                sp.set_attribute("dgserve.validation.first_error", verdict.errors[0][:200])
+            return verdict

@@ -11,6 +11,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
+from opentelemetry.trace import SpanKind
+
+from . import telemetry
 from .errors import OutputInvalid, Overloaded, PipelineError, Unavailable
 from .interfaces import ARService, DraftService, Job, TextChunk, TextResult, ValidationService
 from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
@@ -98,27 +101,43 @@ class Pipeline:
         self.drafts_in_flight = 0
 
     # -- routing ----------------------------------------------------------------------------
-    def route(self, shape: RequestShape) -> RouteDecision:
+    def route(self, shape: RequestShape, trace: dict[str, str] | None = None) -> RouteDecision:
         load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy())
-        return choose_route(shape, load, self.policy)
+        with telemetry.span("dgserve.route", trace) as sp:
+            decision = choose_route(shape, load, self.policy)
+            telemetry.attributes(sp, {"dgserve.route": decision.path, "dgserve.route_reason": decision.reason,
+                                      "dgserve.drafter_queue": load.drafter_queue,
+                                      "dgserve.drafter_in_rotation": load.drafter_healthy})
+        return decision
 
-    async def _ar(self, method, *args) -> TextResult:
-        """An AR call; a failing verifier is a clean 503 (the request may be retried), never a hang
-        or a stack trace."""
-        try:
-            return await method(*args)
-        except PipelineError:
-            raise
-        except Exception as e:
-            raise Unavailable(f"the AR verifier failed ({type(e).__name__}); retry shortly",
-                              retry_after=1.0, code="verifier_unavailable") from e
+    async def _ar(self, stage: str, method, job: Job, *args) -> TextResult:
+        """An AR call (``stage``: generate | repair | fallback); a failing verifier is a clean 503
+        (the request may be retried), never a hang or a stack trace."""
+        with telemetry.span(f"dgserve.{stage}", job.trace, SpanKind.CLIENT) as sp:
+            try:
+                result = await method(replace(job, trace=telemetry.carrier_of(sp)), *args)
+            except PipelineError:
+                raise
+            except Exception as e:
+                raise Unavailable(f"the AR verifier failed ({type(e).__name__}); retry shortly",
+                                  retry_after=1.0, code="verifier_unavailable") from e
+            telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
+            return result
+
+    async def _validate(self, job: Job, text: str):
+        with telemetry.span("dgserve.validate", job.trace, SpanKind.CLIENT) as sp:
+            verdict = await self.validator.validate(job.constraint, text, telemetry.carrier_of(sp))
+            telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok})
+            return verdict
 
     # -- non-streaming ----------------------------------------------------------------------
-    async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None) -> Outcome:
+    async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
+                  stats: dict | None = None) -> Outcome:
+        """``stats``, when given, is filled as the stages run, so a caller sees them on failure too."""
         stops = stops or []
-        stats: dict = {}
+        stats = {} if stats is None else stats
         if decision.path == "ar":
-            result = await self._ar(self.ar.generate, job)
+            result = await self._ar("generate", self.ar.generate, job)
             stats.update(result.stats)
         else:
             result, decision = await self._draft_or_ar(job, decision, stats)
@@ -131,20 +150,23 @@ class Pipeline:
                            ) -> tuple[TextResult, RouteDecision]:
         if self.drafter is None:
             raise Unavailable("no drafter is configured")
-        call = self.drafter.speculate if decision.path == "verify" else self.drafter.draft
+        verify = decision.path == "verify"
+        call = self.drafter.speculate if verify else self.drafter.draft
         self.drafts_in_flight += 1
         try:
-            result = await call(job)
+            with telemetry.span("dgserve.speculate" if verify else "dgserve.draft", job.trace, SpanKind.CLIENT) as sp:
+                result = await call(replace(job, trace=telemetry.carrier_of(sp)))
+                telemetry.attributes(sp, result.stats, "dgserve.")
         except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
             stats["drafter_overloaded"] = True
-            result = await self._ar(self.ar.generate, job)
+            result = await self._ar("generate", self.ar.generate, job)
             return result, RouteDecision("ar", "drafter queue full; served by AR")
         except PipelineError:  # the request's own fault (e.g. a constraint too complex): no health hit
             raise
         except Exception as e:  # a failing drafter replica must not fail the request
             self.health.failure()
             stats["drafter_error"] = type(e).__name__
-            result = await self._ar(self.ar.generate, job)
+            result = await self._ar("generate", self.ar.generate, job)
             return result, RouteDecision("ar", f"drafter failed ({type(e).__name__}); served by AR")
         finally:
             self.drafts_in_flight -= 1
@@ -155,12 +177,12 @@ class Pipeline:
     async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: dict) -> TextResult:
         """Validate; if invalid, repair from the longest good prefix; then, by policy, a
         from-scratch constrained AR answer; else :class:`OutputInvalid`. Never an invalid success."""
-        verdict = await self.validator.validate(job.constraint, result.text)
+        verdict = await self._validate(job, result.text)
         stats["draft_valid"] = verdict.ok
         errors = list(verdict.errors)
-        candidates = [("repair", lambda: self._ar(self.ar.repair, job, result.text))]
+        candidates = [("repair", lambda: self._ar("repair", self.ar.repair, job, result.text))]
         if self.structured.on_repair_failure == "fallback":
-            candidates.append(("fallback", lambda: self._ar(self.ar.generate, job)))
+            candidates.append(("fallback", lambda: self._ar("fallback", self.ar.generate, job)))
         while not verdict.ok and candidates:
             name, attempt = candidates.pop(0)
             stats[f"{name}_used"] = True
@@ -168,7 +190,7 @@ class Pipeline:
             for key in ("repair_reused_tokens", "draft_tokens"):
                 if name == "repair" and key in result.stats:
                     stats[key] = result.stats[key]
-            verdict = await self.validator.validate(job.constraint, result.text)
+            verdict = await self._validate(job, result.text)
             errors += verdict.errors
         if not verdict.ok:
             raise OutputInvalid("no answer satisfying the response_format was produced: "
@@ -177,20 +199,24 @@ class Pipeline:
         return result
 
     # -- streaming --------------------------------------------------------------------------
-    async def stream(self, job: Job, decision: RouteDecision, stops: list[str] | None = None
-                     ) -> AsyncIterator[TextChunk]:
+    async def stream(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
+                     stats: dict | None = None) -> AsyncIterator[TextChunk]:
         """Chunks of the answer; the last one carries the result. Structured answers are sent
         only once validated (one chunk), so a stream never shows an invalid answer."""
         stops = stops or []
         if job.constraint is not None:
-            outcome = await self.run(job, decision, stops)
-            yield TextChunk(outcome.result.text, outcome.result)
+            outcome = await self.run(job, decision, stops, stats)
+            yield TextChunk(outcome.result.text, replace(outcome.result, stats=outcome.stats))
             return
         scanner = StopScanner(stops)
+        if decision.path != "ar" and self.drafter is None:
+            raise Unavailable("no drafter is configured")
+        stage = {"ar": "stream", "verify": "speculate_stream"}.get(decision.path, "draft_stream")
+        sp = telemetry.tracer().start_span(f"dgserve.{stage}", context=telemetry.parent(job.trace),
+                                           kind=SpanKind.CLIENT)
+        job = replace(job, trace=telemetry.carrier_of(sp))
         if decision.path == "ar":
             source = self.ar.stream(job)
-        elif self.drafter is None:
-            raise Unavailable("no drafter is configured")
         elif decision.path == "verify":
             source = self.drafter.speculate_stream(job)
         else:
@@ -209,8 +235,16 @@ class Pipeline:
                     yield TextChunk(piece)
                 if scanner.stopped:
                     break
+        except Exception as e:
+            telemetry.fail(sp, e)
+            raise
         finally:
             self.drafts_in_flight -= decision.path != "ar"
+            if final is not None:
+                telemetry.attributes(sp, final.stats, "dgserve.")
+                if stats is not None:
+                    stats.update(final.stats)
+            sp.end()
             if hasattr(source, "aclose"):
                 await source.aclose()
         tail = "" if scanner.stopped else scanner.flush()

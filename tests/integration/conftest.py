@@ -16,10 +16,31 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def otlp():
+    """Every replica of the app exports its spans here over OTLP/HTTP (protobuf)."""
+    from tests.otlp_receiver import OTLPReceiver
+
+    with OTLPReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def metrics_url():
+    return f"http://127.0.0.1:{free_port()}/metrics"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(otlp, metrics_url):
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The standard OTel SDK variables, as serve_config.yaml's runtime_env.env_vars would set them.
+    otel = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_SERVICE_NAME": "dgserve", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+            "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    port = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": otel}, _metrics_export_port=port,
+             _system_config={"metrics_report_interval_ms": 1000})
     yield
     ray.shutdown()
 
