@@ -13,7 +13,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.gateway import Gateway, Limits, Reply
+from pipeline.api import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelList
+from pipeline.errors import PipelineError
+from pipeline.gateway import Gateway, Limits, Reply, error_reply
 from pipeline.orchestrator import DrafterHealth, Pipeline, StructuredPolicy
 from pipeline.router import RouterPolicy
 from pipeline.telemetry import configure_tracing
@@ -45,6 +47,72 @@ async def _unexpected(request: Request, exc: Exception):
     return _error(500, "internal error", "server_error")
 
 
+# The endpoints read the raw body (the Gateway parses it, so every rule lives in one place); the
+# OpenAPI document still describes the bodies and every answer, for clients and for schemathesis.
+_REQUEST_SCHEMAS: dict = {}
+
+
+def _body(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _REQUEST_SCHEMAS.update(schema.pop("$defs", {}))
+    _REQUEST_SCHEMAS[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+# one schema per server-sent event: ``data`` is a JSON chunk (chat.completion.chunk / text_completion,
+# or an error object), or ``[DONE]`` at the end
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
+_ERRORS = {
+    400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+    413: "request body too large", 422: "no answer satisfying response_format could be produced",
+    429: "over capacity; retry after Retry-After seconds", 503: "a backend is unavailable; retry",
+    504: "request deadline exceeded",
+}
+
+
+def _responses(ok_model) -> dict:
+    out: dict = {200: {"model": ok_model, "content": _SSE, "description": "the answer (JSON, or SSE when stream=true)"}}
+    out.update({code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()})
+    return out
+
+
+def _document_model(name: str) -> None:
+    """The one model id this deployment serves, as an enum in the documented request bodies."""
+    for model in (ChatCompletionRequest, CompletionRequest):
+        _REQUEST_SCHEMAS[model.__name__]["properties"]["model"]["enum"] = [name]
+    http.openapi_schema = None
+
+
+def _openapi() -> dict:
+    if http.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=http.title, version="0.1.0", description=http.description, routes=http.routes)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(_REQUEST_SCHEMAS)
+        http.openapi_schema = doc
+    return http.openapi_schema
+
+
+http.openapi = _openapi
+
+
+@http.middleware("http")
+async def _require_key(request: Request, call_next):
+    """With an API key configured, every path but /health (the docs and /openapi.json included)
+    needs it; the Gateway checks the generation endpoints again itself."""
+    gateway = getattr(request.app.state, "gateway", None)
+    path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
+    if gateway is not None and gateway.api_key is not None and path != "/health":
+        try:
+            gateway.authorize(request.headers)
+        except PipelineError as e:
+            return _respond(error_reply(e))
+    return await call_next(request)
+
+
 def _respond(reply: Reply) -> Response:
     if reply.stream is not None:
         headers = {**reply.headers, "cache-control": "no-cache"}
@@ -57,6 +125,7 @@ def _respond(reply: Reply) -> Response:
 class Ingress:
     def __init__(self, args: AppArgs, drafter, ar, validator):
         configure_tracing("ingress")
+        _document_model(args.model_name)
         factories = {k: load_validator_factory(v) for k, v in args.validator.validators.items()}
         policy = RouterPolicy(args.router.drafter_queue_threshold, args.router.prose_route,
                               args.router.greedy_prose_route)
@@ -65,7 +134,7 @@ class Ingress:
                             StructuredPolicy(args.structured.on_repair_failure))
         lim = args.limits
         limits = Limits(lim.max_tokens, lim.default_max_tokens, lim.max_prompt_chars, lim.max_body_bytes,
-                        lim.request_timeout_s)
+                        lim.request_timeout_s, lim.max_in_flight)
         api_key = None
         if args.auth.api_key_env is not None:
             api_key = os.environ.get(args.auth.api_key_env)
@@ -73,16 +142,17 @@ class Ingress:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
         self.gateway = Gateway(pipeline, args.model_name, limits, default_registry(factories), api_key,
                                ServeMetrics())
+        http.state.gateway = self.gateway
 
-    @http.post("/v1/chat/completions")
+    @http.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest), responses=_responses(ChatCompletion))
     async def chat(self, request: Request) -> Response:
         return _respond(await self.gateway.chat(await request.body(), request.headers))
 
-    @http.post("/v1/completions")
+    @http.post("/v1/completions", openapi_extra=_body(CompletionRequest), responses=_responses(Completion))
     async def completions(self, request: Request) -> Response:
         return _respond(await self.gateway.completions(await request.body(), request.headers))
 
-    @http.get("/v1/models")
+    @http.get("/v1/models", responses={200: {"model": ModelList}, 401: {"model": ErrorResponse}})
     async def models(self, request: Request) -> Response:
         return _respond(self.gateway.models(request.headers))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
@@ -83,6 +83,9 @@ class LimitArgs(_Strict):
     max_prompt_chars: int = Field(default=32_000, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     request_timeout_s: float = Field(default=60.0, gt=0)  # clients may ask for less (x-request-timeout-seconds)
+    # generation requests one ingress replica admits at once; beyond that 429 + Retry-After at once
+    # (keep it below ingress.max_ongoing_requests so the shedding is ours, with an OpenAI error body)
+    max_in_flight: int = Field(default=48, ge=1)
 
 
 class AuthArgs(_Strict):
@@ -99,3 +102,11 @@ class AppArgs(_Strict):
     limits: LimitArgs = LimitArgs()
     auth: AuthArgs = AuthArgs()
     ingress: ReplicaArgs = ReplicaArgs(num_cpus=0.2, max_ongoing_requests=64, max_queued_requests=128)
+
+    @model_validator(mode="after")
+    def _shedding_below_ray_limit(self):
+        if self.limits.max_in_flight >= self.ingress.max_ongoing_requests:
+            raise ValueError(f"limits.max_in_flight ({self.limits.max_in_flight}) must be below "
+                             f"ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}), or Ray "
+                             "queues requests the ingress should refuse")
+        return self

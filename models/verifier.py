@@ -27,6 +27,10 @@ SOFTCAP = 30.0
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
+
+# below this a temperature is greedy: dividing logits by ~1e-300 overflows to inf and NaN probabilities
+MIN_TEMPERATURE = 1e-4
+
 class CausalLM(Protocol):
     tokenizer: object
     device: torch.device
@@ -157,8 +161,8 @@ class ARVerifier:
                 row_logits = logits[b]
                 if processors[r] is not None:
                     row_logits = processors[r](generated[r], row_logits)
-                if temperature > 0:
-                    probs = torch.softmax(row_logits / temperature, dim=-1)
+                if temperature >= MIN_TEMPERATURE:
+                    probs = torch.softmax(row_logits.float() / temperature, dim=-1)
                     tok = int(torch.multinomial(probs, 1, generator=gen))
                 else:
                     tok = int(row_logits.argmax())

@@ -11,6 +11,7 @@ import hmac
 import json
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
@@ -33,7 +34,15 @@ from .api import (
     RouteInfo,
     Usage,
 )
-from .errors import BadRequest, DeadlineExceeded, ModelNotFound, PayloadTooLarge, PipelineError, Unauthorized
+from .errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PipelineError,
+    Unauthorized,
+)
 from .interfaces import Constraint, Job
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
@@ -48,6 +57,7 @@ class Limits:
     max_prompt_chars: int = 32_000
     max_body_bytes: int = 1_000_000
     request_timeout_s: float = 60.0  # a request may ask for less with x-request-timeout-seconds
+    max_in_flight: int = 48  # generation requests one ingress replica holds at once; beyond: 429 at once
 
 
 @dataclass
@@ -82,6 +92,18 @@ def _constraint(fmt) -> Constraint | None:
     if fmt.type == "sudoku":
         return Constraint("sudoku", fmt.sudoku.puzzle)
     return Constraint(fmt.type, None)
+
+
+class _Slot:
+    """One admitted stream's place in ``Gateway.in_flight``, released exactly once."""
+
+    def __init__(self, gateway: "Gateway"):
+        self.gateway: Gateway | None = gateway
+
+    def release(self) -> None:
+        if self.gateway is not None:
+            self.gateway.in_flight -= 1
+            self.gateway = None
 
 
 class RequestRecord:
@@ -166,6 +188,7 @@ class Gateway:
         self.registry = registry or default_registry()
         self.api_key = api_key or None
         self.metrics = metrics or NoMetrics()
+        self.in_flight = 0  # generation requests admitted and not yet answered (streams: until closed)
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         if self.api_key is None:
@@ -197,7 +220,7 @@ class Gateway:
     def health(self) -> Reply:
         drafter = self.pipeline.drafter is not None and self.pipeline.health.healthy()
         return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
-                           "drafts_in_flight": self.pipeline.drafts_in_flight})
+                           "drafts_in_flight": self.pipeline.drafts_in_flight, "requests_in_flight": self.in_flight})
 
     async def chat(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
         return await self._handle(raw, headers, ChatCompletionRequest, chat=True)
@@ -252,8 +275,14 @@ class Gateway:
 
     async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:
         record = RequestRecord("chat" if chat else "text_completion", self.model_name, headers, self.metrics)
+        admitted = False
         try:
             self.authorize(headers)
+            if self.in_flight >= self.limits.max_in_flight:  # shed load now rather than queue without bound
+                raise Overloaded(f"the server is at capacity ({self.limits.max_in_flight} requests in flight); "
+                                 "retry shortly", retry_after=1.0, code="server_overloaded")
+            self.in_flight += 1
+            admitted = True
             if len(raw) > self.limits.max_body_bytes:
                 raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
             timeout = self.deadline(headers)
@@ -262,7 +291,10 @@ class Gateway:
             record.request(job, decision, req.stream)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                stream = self._sse(job, decision, req.stop_list(), chat, include_usage, timeout, record)
+                slot = _Slot(self)
+                stream = self._sse(job, decision, req.stop_list(), chat, include_usage, timeout, record, slot)
+                weakref.finalize(stream, slot.release)  # a stream never started still frees its slot
+                admitted = False  # the stream holds the slot now
                 return Reply(200, stream=stream, headers={"x-route": decision.header()})
             try:
                 outcome = await asyncio.wait_for(self.pipeline.run(job, decision, req.stop_list(), record.stats),
@@ -277,6 +309,9 @@ class Gateway:
         except BaseException as e:
             record.close(500, error=PipelineError(f"internal error ({type(e).__name__})"))
             raise
+        finally:
+            if admitted:
+                self.in_flight -= 1
         r = outcome.result
         usage = Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                       total_tokens=r.prompt_tokens + r.completion_tokens)
@@ -293,7 +328,8 @@ class Gateway:
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
 
     async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
-                   include_usage: bool, timeout: float, record: RequestRecord) -> AsyncIterator[bytes]:
+                   include_usage: bool, timeout: float, record: RequestRecord, slot: "_Slot"
+                   ) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         route = {"path": decision.path, "reason": decision.reason}
@@ -346,6 +382,7 @@ class Gateway:
             record.close(500, error=PipelineError(f"internal error while streaming ({type(e).__name__})"))
             body = ErrorResponse(error=ErrorBody(message="internal error while streaming", type="server_error"))
             yield f"data: {json.dumps(body.model_dump())}\n\n".encode()
-        finally:  # the client went away mid-stream
+        finally:  # (a close here: the client went away mid-stream)
             record.close(499)
+            slot.release()
         yield b"data: [DONE]\n\n"

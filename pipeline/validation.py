@@ -87,6 +87,109 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
+MAX_REPEAT = 1000  # largest counted repetition ({n}, {n,m}) a pattern may ask for
+
+
+def check_pattern(pattern: str, where: str) -> None:
+    """Refuse counted repetitions beyond :data:`MAX_REPEAT`: ``a{1000000}`` compiles to an automaton
+    (grammar) or a match loop of that size for nothing a model could produce anyway."""
+    import re
+
+    for lo, hi in re.findall(r"(?<!\\)\{(\d+)(?:,(\d*))?\}", pattern):
+        if int(lo) > MAX_REPEAT or (hi and int(hi) > MAX_REPEAT):
+            raise ConstraintError(f"{where}: counted repetition above {MAX_REPEAT} is not supported")
+
+
+_IN_PLACE_LISTS = ("allOf", "anyOf", "oneOf")
+_IN_PLACE_ONE = ("not", "if", "then", "else")
+
+
+def _pointer(doc: Any, ref: str) -> Any:
+    """The node a local ``$ref`` ("#" or "#/a/b~1c") names; ConstraintError if it names none."""
+    node = doc
+    for raw in [p for p in ref[2:].split("/")] if ref != "#" else []:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            raise ConstraintError(f"$ref {ref!r} does not resolve inside the schema")
+    return node
+
+
+def check_refs(schema: Any, max_evaluations: int = 10_000) -> None:
+    """Refuse ``$ref`` use that would stall a validator or a grammar compiler:
+
+    * a non-local ``$ref`` (no fetching of remote documents: ``"#"``, ``"#/..."`` or a plain-name
+      fragment ``"#name"`` naming an ``$anchor`` / ``"$id": "#name"`` in the same document);
+    * a cycle of in-place applicators (``$ref``, ``allOf``/``anyOf``/``oneOf``, ``not``,
+      ``if``/``then``/``else``) that returns to a schema without descending into the instance:
+      ``{"$ref": "#"}`` or ``{"allOf": [{"$ref": "#"}]}`` recurse forever on any instance;
+    * in-place fan-out that multiplies evaluations ("billion laughs": ``a1 = allOf[a0, a0]``,
+      ``a2 = allOf[a1, a1]``, ...): more than ``max_evaluations`` schema evaluations of one value.
+
+    Recursion through ``properties``/``items``/... is fine: each step consumes part of the answer.
+    """
+    nodes: dict[int, Any] = {}
+    edges: dict[int, list[int]] = {}
+    todo = [schema]
+    while todo:  # every dict reachable in the document, keyed by identity
+        node = todo.pop()
+        if isinstance(node, dict):
+            if id(node) in nodes:
+                continue
+            nodes[id(node)] = node
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    anchors = {}
+    for node in nodes.values():
+        for k in ("$anchor", "$id", "id"):
+            name = node.get(k)
+            if isinstance(name, str) and name:
+                anchors[name if k != "$anchor" else "#" + name] = node
+    for key, node in nodes.items():
+        out = []
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            if ref == "#" or ref.startswith("#/"):
+                target = _pointer(schema, ref)
+            elif ref in anchors:
+                target = anchors[ref]
+            else:
+                raise ConstraintError(f"$ref {ref!r}: only references inside the schema ('#', '#/...' or "
+                                      "'#anchor') are supported")
+            if isinstance(target, dict):
+                out.append(id(target))
+        for k in _IN_PLACE_LISTS:
+            out += [id(c) for c in node.get(k, []) if isinstance(c, dict)] if isinstance(node.get(k), list) else []
+        out += [id(node[k]) for k in _IN_PLACE_ONE if isinstance(node.get(k), dict)]
+        edges[key] = out
+    # evaluations(n) = 1 + sum(evaluations(child)); a node met again on the current path is a cycle
+    done: dict[int, int] = {}
+    for start in nodes:
+        if start in done:
+            continue
+        path, stack = {start}, [(start, iter(edges[start]))]
+        while stack:
+            key, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.discard(key)
+                done[key] = min(max_evaluations + 1, 1 + sum(done[c] for c in edges[key]))
+                if done[key] > max_evaluations:
+                    raise ConstraintError(f"JSON Schema applies more than {max_evaluations} subschemas to one "
+                                          "value (nested allOf/anyOf/oneOf/$ref fan-out)")
+            elif child in path:
+                raise ConstraintError("JSON Schema $ref/allOf/anyOf/oneOf recursion that never descends into "
+                                      "the value (e.g. {\"$ref\": \"#\"}) cannot be validated")
+            elif child not in done:
+                path.add(child)
+                stack.append((child, iter(edges[child])))
+
+
 class JsonSchemaValidator:
     """JSON Schema, draft picked from ``$schema``; errors carry their JSON path and the span of the
     answer they point at. Size and nesting caps keep one hostile schema from stalling a replica."""
@@ -112,6 +215,16 @@ class JsonSchemaValidator:
         except SchemaError as e:
             where = _json_path(e.path)
             raise ConstraintError(f"invalid JSON Schema at {where}: {e.message}") from None
+        check_refs(spec)
+        stack = [spec]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if isinstance(node.get("pattern"), str):
+                    check_pattern(node["pattern"], "JSON Schema pattern")
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
 
     def validate(self, spec: Any, text: str) -> Verdict:
         try:
@@ -160,6 +273,7 @@ class RegexValidator:
             regex.compile(spec)
         except regex.error as e:
             raise ConstraintError(f"invalid regex pattern: {e}") from None
+        check_pattern(spec, "regex pattern")
 
     def validate(self, spec: Any, text: str) -> Verdict:
         import regex

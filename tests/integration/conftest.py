@@ -7,6 +7,7 @@ import time
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+from tests.settings import API_KEY
 
 
 def free_port() -> int:
@@ -37,6 +38,7 @@ def ray_cluster(otlp, metrics_url):
     otel = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             "OTEL_SERVICE_NAME": "dgserve", "OTEL_TRACES_SAMPLER": "parentbased_always_on",
             "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    otel["DGSERVE_TEST_API_KEY"] = API_KEY  # the guarded app (test_reliability.py) reads its key from here
     port = int(metrics_url.rsplit(":", 1)[1].split("/")[0])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": otel}, _metrics_export_port=port,

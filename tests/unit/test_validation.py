@@ -131,3 +131,36 @@ def test_catastrophic_schema_pattern_is_time_capped():
     assert not v.ok  # `re` would backtrack for minutes here; the capped matcher answers at once
     assert time.perf_counter() - t0 < 5
     assert REG.validate(Constraint("json_schema", schema), '{"s": "aaa"}').ok
+
+
+@pytest.mark.parametrize("schema, fragment", [
+    ({"$ref": "#"}, "never descends"),
+    ({"type": "object", "allOf": [{"$ref": "#"}]}, "never descends"),
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}]}}, "$ref": "#/$defs/a"}, "never descends"),
+    ({"$ref": "http://127.0.0.1:9/evil.json"}, "only references inside"),
+    ({"$anchor": "a", "allOf": [{"$ref": "#a"}]}, "never descends"),
+    ({"$ref": "#/$defs/missing"}, "does not resolve"),
+    ({"$defs": {"a0": {"type": "string"}, **{f"a{i}": {"allOf": [{"$ref": f"#/$defs/a{i-1}"}] * 2} for i in range(1, 16)}},
+      "$ref": "#/$defs/a15"}, "fan-out"),
+])
+def test_hostile_refs_are_refused_at_prepare(schema, fragment):
+    with pytest.raises(ConstraintError, match=fragment):
+        REG.prepare(Constraint("json_schema", schema))
+
+
+def test_recursion_through_the_value_is_allowed():
+    tree = {"$defs": {"n": {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
+                            "required": ["kids"]}}, "$ref": "#/$defs/n"}
+    REG.prepare(Constraint("json_schema", tree))
+    assert REG.validate(Constraint("json_schema", tree), '{"kids": [{"kids": []}]}').ok
+    assert not REG.validate(Constraint("json_schema", tree), '{"kids": [{}]}').ok
+
+
+@pytest.mark.parametrize("constraint", [
+    Constraint("regex", "a{100000}"), Constraint("regex", "[0-9]{2,5000}"),
+    Constraint("json_schema", {"type": "string", "pattern": "^x{1000000}$"}),
+])
+def test_huge_counted_repetitions_are_refused(constraint):
+    with pytest.raises(ConstraintError, match="counted repetition"):
+        REG.prepare(constraint)
+    REG.prepare(Constraint("regex", r"\d{3}-\d{4}"))  # ordinary counts pass

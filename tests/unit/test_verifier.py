@@ -134,3 +134,10 @@ def test_verify_route_equals_ar_greedy_on_50_prompts(drafter, verifier):
         assert out.token_ids == verifier.generate([prompt], 64)[0].token_ids, ex.instruction
         accepted.extend(out.accepted)
     assert sum(accepted) / len(accepted) > 1  # drafts do get accepted beyond the pinned token
+
+
+def test_vanishing_temperature_decodes_greedily(verifier):
+    prompt = [2, 40, 41, 42]
+    greedy = verifier.generate([prompt], max_new_tokens=8, temperature=0.0)[0].token_ids
+    for t in (5e-324, 1e-12, 1e-5):
+        assert verifier.generate([prompt], max_new_tokens=8, temperature=t, seed=1)[0].token_ids == greedy
