@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         agree = bool(torch.equal(ref.argmax, tri.argmax)) and float((ref.sample == tri.sample).float().mean()) > 0.999
         row = {"batch": b, "logits_bytes": logits.numel() * logits.element_size(), "agree": agree}
         for name, mod in (("reference", sampler), ("triton", sampler_triton)):
-            ms, extra = measure(lambda: (mod.position_stats(logits, 0.8, 1), mod.soft_embedding(logits, emb)))
+            ms, extra = measure(lambda m=mod, lg=logits: (m.position_stats(lg, 0.8, 1), m.soft_embedding(lg, emb)))
             row[f"{name}_ms"], row[f"{name}_extra_bytes"] = round(ms, 3), extra
         rows.append(row)
         del logits, ref, tri

@@ -2,12 +2,11 @@
 
 import os
 import socket
-import time
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-from tests.settings import API_KEY
+from tests.apps import API_KEY, wait_until_healthy
 
 
 def free_port() -> int:
@@ -60,15 +59,7 @@ def app_url(ray_cluster):
             "limits": {"max_tokens": 256, "default_max_tokens": 128}}
     serve.run(build_app(args), name="dgserve", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    import requests
-
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
+    wait_until_healthy(url, 60)
     yield url
     serve.delete("dgserve")
     serve.shutdown()

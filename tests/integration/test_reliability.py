@@ -14,7 +14,7 @@ import pytest
 import requests
 from jsonschema.validators import validator_for
 
-from tests.settings import API_KEY
+from tests.apps import API_KEY, wait_until_healthy
 
 MODEL = "dgserve-tiny"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -44,14 +44,7 @@ def guarded(app_url, tmp_path_factory):
     }
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")
     url = f"{app_url}/guarded"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_until_healthy(url, 90)
     yield url
     serve.delete("guarded")
 
