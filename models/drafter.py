@@ -49,6 +49,21 @@ class DraftSettings:
         )
 
 
+@dataclass(frozen=True)
+class PositionMask:
+    """Vocabulary restrictions for some canvas positions (the rest of the canvas is free). A
+    mask per restricted position only: at the real vocabulary a whole [canvas, vocab] mask is
+    64 MiB per request per step."""
+
+    positions: torch.Tensor  # [k] long, canvas positions
+    allowed: torch.Tensor  # [k, vocab] bool (may be an expanded view of one row)
+
+    @classmethod
+    def full(cls, allowed: torch.Tensor) -> "PositionMask":
+        """From a whole-canvas mask [canvas, vocab]."""
+        return cls(torch.arange(allowed.shape[0]), allowed)
+
+
 class CanvasHook(Protocol):
     """Per-request control of denoising. ``committed`` is the request's output so far."""
 
@@ -57,8 +72,8 @@ class CanvasHook(Protocol):
         ...
 
     def mask(self, canvas_index: int, step: int, committed: Sequence[int],
-             logits: torch.Tensor) -> torch.Tensor | None:
-        """Allowed tokens [canvas, vocab] (bool) given this step's logits [canvas, vocab], or None."""
+             logits: torch.Tensor) -> PositionMask | None:
+        """Allowed tokens at some positions given this step's logits [canvas, vocab], or None."""
         ...
 
 
@@ -292,9 +307,10 @@ class DiffusionDrafter:
             for b, row in enumerate(rows):
                 if row.hook is None or done[b]:
                     continue
-                allowed = row.hook.mask(canvas_index, step, row.tokens, logits[b])
-                if allowed is not None:
-                    logits[b] = torch.where(allowed.to(dev), logits[b], floor)
+                m = row.hook.mask(canvas_index, step, row.tokens, logits[b])
+                if m is not None:
+                    pos = m.positions.to(dev)
+                    logits[b, pos] = torch.where(m.allowed.to(dev), logits[b, pos], floor)
             if len(pin_rows):  # pinned positions: all mass on the pinned token (entropy 0, accepted)
                 logits[pin_rows, pin_cols] = floor
                 logits[pin_rows, pin_cols, pin_ids[pin_rows, pin_cols]] = 0.0

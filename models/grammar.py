@@ -233,20 +233,18 @@ class GrammarCanvasHook:
         return pins
 
     def mask(self, canvas_index: int, step: int, committed: Sequence[int], logits: torch.Tensor):
+        from .drafter import PositionMask
+
         if self.base is None:
             return None
         m = self.base.fork()
         argmax = logits.argmax(-1).tolist()
         for p, t in enumerate(argmax):
             if m.is_terminated():  # after <eos>: the rest of the canvas is padding
-                allowed = torch.ones(logits.shape, dtype=torch.bool)
-                allowed[p:] = False
-                allowed[p:, self.engine.pad_id] = True
-                allowed[p:, self.engine.eos_id] = True
-                return allowed
+                row = torch.zeros(logits.shape[-1], dtype=torch.bool)
+                row[self.engine.pad_id] = row[self.engine.eos_id] = True
+                return PositionMask(torch.arange(p, logits.shape[0]), row.expand(logits.shape[0] - p, -1))
             if not m.accept_token(int(t)):
-                allowed = torch.ones(logits.shape, dtype=torch.bool)
-                allowed[p] = self.engine.allowed(m)
                 self.masked_steps += 1
-                return allowed
+                return PositionMask(torch.tensor([p]), self.engine.allowed(m).unsqueeze(0))
         return None  # the whole argmax canvas is grammatical: nothing to mask (no [canvas, vocab] mask built)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from models import tasks
+from models.drafter import PositionMask
 from models.evaluate import schema_valid
 from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
 
@@ -68,7 +69,7 @@ class NoEosInFirstCanvas:
         allowed = torch.ones_like(logits, dtype=torch.bool)
         allowed[:, EOS_ID] = False
         allowed[:, PAD_ID] = False
-        return allowed
+        return PositionMask.full(allowed)
 
 
 def test_pinned_positions_appear_in_the_committed_canvas(drafter):

@@ -82,11 +82,27 @@ def test_canvas_hook_masks_the_first_violation(engine):
     logits = torch.full((8, engine.vocab_size), -5.0)
     for p, t in enumerate(ids[:8]):
         logits[p, t] = 5.0
-    allowed = hook.mask(0, 0, [], logits)
+    m = hook.mask(0, 0, [], logits)
     k = engine.longest_prefix("json_schema", schema, ids)
-    assert allowed[:k].all()
-    assert not allowed[k, ids[k]]  # the rejected token is masked out there
-    assert allowed[k].sum() > 0 and allowed[k + 1:].all()
+    assert m.positions.tolist() == [k]  # only the first violation is restricted, nothing else
+    assert m.allowed.shape == (1, engine.vocab_size)
+    assert not m.allowed[0, ids[k]]  # the rejected token is masked out there
+    assert m.allowed[0].sum() > 0
+
+
+def test_canvas_hook_pads_after_the_grammar_ends(engine):
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["age"], "properties": {"age": {"type": "integer"}}}
+    hook = engine.canvas_hook("json_schema", schema, 16)
+    hook.pins(0, [])
+    ids = tok('{"age":5}', add_special_tokens=False)["input_ids"] + [engine.eos_id]
+    logits = torch.full((16, engine.vocab_size), -5.0)
+    for p in range(16):
+        logits[p, ids[p] if p < len(ids) else 40] = 5.0  # junk after <eos>
+    m = hook.mask(0, 0, [], logits)
+    assert m.positions.tolist() == list(range(len(ids), 16))
+    assert m.allowed.sum(-1).tolist() == [2] * (16 - len(ids))  # <pad> or <eos> only
+    assert m.allowed[:, engine.pad_id].all() and m.allowed[:, engine.eos_id].all()
 
 
 def test_guided_drafts_are_more_often_valid(engine, drafter):
