@@ -3,7 +3,10 @@
 ``python -m bench.overhead [--n 40] [--json]`` starts the real app with ``serve.run`` on
 127.0.0.1, sends ``n`` identical requests (fixed seed, so identical work), then runs the same
 request ``n`` times through an in-process :class:`pipeline.gateway.Gateway` over the same local
-backends, and prints p50/p90 latency of both and their difference (the serving overhead).
+backends, and prints p50/p90 latency of both and their difference (the serving overhead). Because
+the model's own speed drifts between the two runs on a shared machine, it also prints the paired
+figure: per request, latency minus the model call's time measured inside the backend
+(``stats.draft_s`` / ``stats.ar_s``), the median of that over HTTP minus in-process.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def request_body(route: str, max_tokens: int) -> dict:
             "messages": [{"role": "user", "content": "Describe Paris in a few words."}]}
 
 
-def over_http(n: int, body: dict) -> list[float]:
+def over_http(n: int, body: dict) -> list[tuple[float, float]]:
     import ray
     import requests
     from ray import serve
@@ -44,14 +47,21 @@ def over_http(n: int, body: dict) -> list[float]:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        session.post(url, json=body, timeout=60).raise_for_status()
-        times.append(time.perf_counter() - t0)
+        r = session.post(url, json=body, timeout=60)
+        times.append((time.perf_counter() - t0, model_seconds(r.json())))
+        r.raise_for_status()
     serve.shutdown()
     ray.shutdown()
     return times
 
 
-def in_process(n: int, body: dict) -> list[float]:
+def model_seconds(body: dict) -> float:
+    """The model call's own time, measured inside the backend (drafter or AR) for this request."""
+    stats = body["stats"]
+    return stats.get("draft_s", stats.get("ar_s", 0.0))
+
+
+def in_process(n: int, body: dict) -> list[tuple[float, float]]:
     import torch
 
     from models.drafter import DiffusionDrafter
@@ -66,14 +76,14 @@ def in_process(n: int, body: dict) -> list[float]:
     gw = Gateway(Pipeline(LocalDrafter(drafter), LocalAR(ar), LocalValidator()), "dgserve-tiny")
     raw = json.dumps(body).encode()
 
-    async def run() -> list[float]:
+    async def run() -> list[tuple[float, float]]:
         for _ in range(3):
             await gw.chat(raw)
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             reply = await gw.chat(raw)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, model_seconds(reply.body)))
             assert reply.status == 200, reply.body
         return times
 
@@ -88,8 +98,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     body = request_body(a.route, a.max_tokens)
-    local = in_process(a.n, body)
-    http = over_http(a.n, body)
+    local_pairs = in_process(a.n, body)
+    http_pairs = over_http(a.n, body)
+    local, http = [t for t, _ in local_pairs], [t for t, _ in http_pairs]
     ms = lambda x: round(1000 * x, 2)  # noqa: E731
     result = {
         "n": a.n, "route": a.route,
@@ -98,6 +109,13 @@ def main(argv=None) -> None:
     }
     result["overhead_p50_ms"] = round(result["http_p50_ms"] - result["inprocess_p50_ms"], 2)
     result["overhead_p90_ms"] = round(result["http_p90_ms"] - result["inprocess_p90_ms"], 2)
+    # Paired per request: latency minus the model call's own time (measured inside the backend),
+    # so run-to-run drift of the model's speed cancels; the difference is what serving adds.
+    outside_http = statistics.median(t - m for t, m in http_pairs)
+    outside_local = statistics.median(t - m for t, m in local_pairs)
+    result["http_outside_model_p50_ms"] = ms(outside_http)
+    result["inprocess_outside_model_p50_ms"] = ms(outside_local)
+    result["overhead_paired_p50_ms"] = ms(outside_http - outside_local)
     print(json.dumps(result) if a.json else "\n".join(f"{k:20s} {v}" for k, v in result.items()))
 
 
