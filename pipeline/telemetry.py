@@ -250,6 +250,11 @@ METRICS: tuple[MetricSpec, ...] = (
                ("route",), (0.5, 1, 2, 4, 8, 16, 32, 64)),
     MetricSpec("dgserve_accepted_draft_length", "histogram",
                "Tokens accepted per verification round (verify route)", (), (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+    MetricSpec("dgserve_verify_drafts_per_request", "histogram",
+               "Draft-and-verify rounds per verify-route request", (), (1, 2, 4, 8, 16, 32, 64, 128)),
+    MetricSpec("dgserve_verifier_forwards_per_token", "histogram",
+               "Verifier forwards per output token on the verify route (AR alone: 1)", (),
+               (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)),
     MetricSpec("dgserve_time_to_first_chunk_seconds", "histogram",
                "Time from request to the first streamed text chunk", ("route",), _SECONDS),
     MetricSpec("dgserve_request_duration_seconds", "histogram",
@@ -299,6 +304,10 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
         ev.append(("dgserve_tokens_per_forward", st["tokens_per_forward"], {"route": obs.route}))
     for acc in st.get("accepted", ()) or ():
         ev.append(("dgserve_accepted_draft_length", acc, {}))
+    if "drafts" in st:
+        ev.append(("dgserve_verify_drafts_per_request", st["drafts"], {}))
+    if "verifier_forwards_per_token" in st:
+        ev.append(("dgserve_verifier_forwards_per_token", st["verifier_forwards_per_token"], {}))
     return ev
 
 

@@ -199,7 +199,8 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
     wanted = {"dgserve_requests_total", "dgserve_request_duration_seconds_bucket", "dgserve_structured_requests_total",
               "dgserve_draft_validations_total", "dgserve_repairs_total", "dgserve_structured_fallbacks_total",
               "dgserve_denoising_steps_per_canvas_bucket", "dgserve_tokens_per_forward_bucket",
-              "dgserve_accepted_draft_length_bucket", "dgserve_time_to_first_chunk_seconds_bucket"}
+              "dgserve_accepted_draft_length_bucket", "dgserve_time_to_first_chunk_seconds_bucket",
+              "dgserve_verify_drafts_per_request_bucket", "dgserve_verifier_forwards_per_token_bucket"}
     text = _scrape(metrics_url, wanted)
     missing = [n for n in wanted if not _samples(text, n)]
     assert not missing, missing
@@ -217,6 +218,7 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
     # histograms: counts positive, means plausible
     for name, lo, hi in [("dgserve_denoising_steps_per_canvas", 1, 64), ("dgserve_tokens_per_forward", 0.01, 64),
                          ("dgserve_accepted_draft_length", 1, 64), ("dgserve_time_to_first_chunk_seconds", 0, 60),
+                         ("dgserve_verify_drafts_per_request", 1, 64), ("dgserve_verifier_forwards_per_token", 0.01, 1.5),
                          ("dgserve_request_duration_seconds", 0.001, 120)]:
         count, s = total(name + "_count"), total(name + "_sum")
         assert count >= 1, name

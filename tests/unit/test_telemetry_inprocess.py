@@ -56,7 +56,8 @@ def test_exporter_selection_follows_the_otel_variables(monkeypatch):
 def test_metric_events_map_a_request_to_every_metric():
     obs = RequestObservation("diffusion", 200, True, True, 1.5, 0.2,
                              {"draft_valid": False, "repair_used": True, "canvas_steps": [3, 5],
-                              "tokens_per_forward": 4.0, "accepted": [6, 2], "drafter_overloaded": True})
+                              "tokens_per_forward": 4.0, "accepted": [6, 2], "drafter_overloaded": True,
+                              "drafts": 2, "verifier_forwards_per_token": 0.375})
     ev = metric_events(obs)
     names = [n for n, _, _ in ev]
     assert ("dgserve_requests", 1, {"route": "diffusion", "status": "200", "stream": "true"}) in ev
@@ -64,6 +65,8 @@ def test_metric_events_map_a_request_to_every_metric():
     assert ("dgserve_drafter_fallbacks", 1, {"reason": "overloaded"}) in ev
     assert [v for n, v, _ in ev if n == "dgserve_denoising_steps_per_canvas"] == [3, 5]
     assert [v for n, v, _ in ev if n == "dgserve_accepted_draft_length"] == [6, 2]
+    assert ("dgserve_verify_drafts_per_request", 2, {}) in ev
+    assert ("dgserve_verifier_forwards_per_token", 0.375, {}) in ev
     assert ("dgserve_time_to_first_chunk_seconds", 0.2, {"route": "diffusion"}) in ev
     assert "dgserve_repairs" in names and "dgserve_structured_fallbacks" not in names
     # every event names a declared metric with exactly its declared tags
