@@ -85,11 +85,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    # sampler settings other than the checkpoint's generation_config (operating-point sweeps)
+    for name in ("max_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold"):
+        p.add_argument("--" + name.replace("_", "-"), type=int if name == "max_steps" else float, default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     drafter = DiffusionDrafter.from_pretrained(a.checkpoint)
+    changed = {k: getattr(a, k) for k in ("max_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold")
+               if getattr(a, k) is not None}
+    if changed:
+        from .drafter import DraftSettings
+
+        drafter.settings = DraftSettings(**{**drafter.settings.__dict__, **changed})
     verifier = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
     result = evaluate(drafter, verifier, a.n, a.seed, a.batch_size)
+    result["sampler"] = drafter.settings.__dict__
     if a.json:
         print(json.dumps(result))
     else:
