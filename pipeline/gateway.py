@@ -18,7 +18,6 @@ from typing import Any, AsyncIterator, Mapping
 from pydantic import ValidationError
 
 from . import telemetry
-
 from .api import (
     AssistantMessage,
     ChatChoice,
@@ -141,16 +140,15 @@ class RequestRecord:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.start
 
-    def close(self, status: int, result=None, stats: Mapping[str, Any] | None = None,
-              decision: RouteDecision | None = None, response_id: str | None = None,
-              error: PipelineError | None = None) -> None:
+    def close(self, status: int, result=None, decision: RouteDecision | None = None,
+              response_id: str | None = None, error: PipelineError | None = None) -> None:
         if self.closed:
             return
         self.closed = True
         if decision is not None and decision.path != self.route:  # the drafter failed over to AR
             self.route = decision.path
             telemetry.attributes(self.span, {"dgserve.route": decision.path, "dgserve.route_reason": decision.reason})
-        stats = {**self.stats, **(stats or {})}
+        stats = self.stats
         self.span.set_attribute("http.response.status_code", status)
         if result is not None:
             telemetry.attributes(self.span, {
@@ -324,7 +322,7 @@ class Gateway:
         else:
             body = Completion(model=self.model_name, usage=usage, route=route, stats=stats,
                               choices=[CompletionChoice(text=r.text, finish_reason=finish)])
-        record.close(200, r, outcome.stats, outcome.decision, body.id)
+        record.close(200, r, outcome.decision, body.id)
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
 
     async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
