@@ -16,6 +16,14 @@ agree, position 3 does not (``2 != 5``), so ``k = 3``, the output grows by ``[7,
 round pins ``5``. Every emitted token is an AR greedy token, so the output equals AR-only greedy
 decoding token for token; the drafter only decides how many tokens each forward yields.
 
+Sampled verification (``temperature > 0``): the draft is a committed argmax canvas, i.e. a
+deterministic proposal, so speculative sampling's rule becomes: with ``p`` the verifier's
+distribution (at the temperature) after the positions before, accept draft token ``x`` with
+probability ``p(x)``; on rejection draw the correction from ``p`` with ``x`` removed (renormalised);
+after a fully accepted canvas draw the next token from ``p``. Each emitted token is then distributed
+exactly as AR sampling would draw it: P(x) = p(x) * 1 + (1 - p(x)) * 0 for the draft token, and
+(1 - p(x)) * p(y) / (1 - p(x)) = p(y) for any other ``y``.
+
 With the drafter's own weights as verifier (``DiffusionCausalLM`` on the same model) the verify
 forward IS the encoder pass that extends the drafter's context, so drafter and verifier share one
 cache and a round costs one encoder forward plus the denoising steps. With a separate causal LM the
@@ -31,7 +39,7 @@ from typing import Callable
 import torch
 
 from .drafter import DiffusionDrafter, DraftRow, DraftSettings
-from .verifier import ARVerifier, DiffusionCausalLM
+from .verifier import MIN_TEMPERATURE, ARVerifier, DiffusionCausalLM
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,10 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int = 256, seed: int | None = 0,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> SpeculativeResult:
-        """Greedy output of the verifier for ``prompt``; ``on_tokens`` sees each round's output."""
+                 on_tokens: Callable[[list[int]], None] | None = None,
+                 temperature: float = 0.0) -> SpeculativeResult:
+        """The verifier's output for ``prompt``: greedy at ``temperature == 0`` (token for token),
+        else distributed as its sampling at ``temperature``; ``on_tokens`` sees each round's output."""
         if not prompt:
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens <= 0:
@@ -81,7 +91,18 @@ class SpeculativeDecoder:
         if not self.shared:  # the drafter keeps its own context cache
             dcache = d.new_cache()
             d.encode(dcache, ids, torch.ones_like(ids, dtype=torch.bool), 0)
-        nxt = int(logits[0, -1].argmax())
+        sampled = temperature >= MIN_TEMPERATURE
+        gen = torch.Generator().manual_seed(seed) if sampled else None
+
+        def draw(row_logits: torch.Tensor, exclude: int | None = None) -> int:
+            if not sampled:
+                return int(row_logits.argmax())
+            p = torch.softmax(row_logits.float().cpu() / temperature, -1)
+            if exclude is not None:
+                p[exclude] = 0.0
+            return int(torch.multinomial(p, 1, generator=gen))
+
+        nxt = draw(logits[0, -1])
         cur = len(prompt)
         out: list[int] = []
         accepted: list[int] = []
@@ -105,10 +126,22 @@ class SpeculativeDecoder:
             x = torch.tensor([canvas], device=dev)
             vlog = lm.logits(x, torch.ones(1, cur + len(canvas), dtype=torch.bool, device=dev), cur, vcache)[0]
             forwards += 1
-            greedy_after = vlog.argmax(-1).tolist()  # AR's token after prefix + canvas[: i + 1]
-            k = 1
-            while k < len(canvas) and canvas[k] == greedy_after[k - 1]:
-                k += 1
+            if sampled:
+                k, correction = 1, None
+                while k < len(canvas):
+                    p = torch.softmax(vlog[k - 1].float().cpu() / temperature, -1)
+                    if float(torch.rand((), generator=gen)) >= float(p[canvas[k]]):
+                        correction = draw(vlog[k - 1], exclude=canvas[k])
+                        break
+                    k += 1
+                if correction is None:
+                    correction = draw(vlog[k - 1])
+            else:
+                greedy_after = vlog.argmax(-1).tolist()  # AR's token after prefix + canvas[: i + 1]
+                k = 1
+                while k < len(canvas) and canvas[k] == greedy_after[k - 1]:
+                    k += 1
+                correction = greedy_after[k - 1]
             keep = canvas[:k]
             if len(canvas) > k:
                 vcache.crop(-(len(canvas) - k))
@@ -127,7 +160,7 @@ class SpeculativeDecoder:
                 break
             if len(out) >= max_new_tokens:
                 break
-            nxt = greedy_after[k - 1]
+            nxt = correction
         return SpeculativeResult(
             token_ids=tuple(out),
             text=d.tokenizer.decode(out, skip_special_tokens=True),

@@ -167,7 +167,7 @@ class LocalDrafter:
     def speculate_sync(self, job: Job) -> TextResult:
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
-        r = self._spec().generate(prompt, job.max_tokens, seed=job.seed)
+        r = self._spec().generate(prompt, job.max_tokens, seed=job.seed, temperature=job.temperature)
         telemetry.record_speculation(job.trace, start, r)
         return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
 
@@ -184,7 +184,8 @@ class LocalDrafter:
 
         return _stream_in_thread(
             self.tokenizer,
-            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit), finish)
+            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
+                                               temperature=job.temperature), finish)
 
     def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
         """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""

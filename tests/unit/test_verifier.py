@@ -141,3 +141,37 @@ def test_vanishing_temperature_decodes_greedily(verifier):
     greedy = verifier.generate([prompt], max_new_tokens=8, temperature=0.0)[0].token_ids
     for t in (5e-324, 1e-12, 1e-5):
         assert verifier.generate([prompt], max_new_tokens=8, temperature=t, seed=1)[0].token_ids == greedy
+
+
+def test_sampled_verification_draws_from_the_verifiers_distribution(drafter, verifier):
+    """temperature > 0: each emitted token is accepted with the verifier's probability or redrawn
+    without it, so 2-token answers follow AR sampling's exact distribution (checked on every
+    sequence with probability >= 5%, within 4 standard errors of N draws), seeds are reproducible,
+    and the greedy answer is not forced."""
+    from collections import Counter
+
+    from models.speculative import SpeculativeDecoder
+
+    spec = SpeculativeDecoder(drafter, verifier, draft_steps=2)
+    prompt = encode_prompt(drafter.tokenizer, "Describe Paris in a few words.")
+    temperature, n = 1.5, 300
+    got = Counter(spec.generate(prompt, 2, seed=s, temperature=temperature).token_ids for s in range(n))
+
+    @torch.inference_mode()
+    def dist(prefix):
+        ids = torch.tensor([prefix])
+        logits = verifier.lm.logits(ids, torch.ones_like(ids, dtype=torch.bool), 0, verifier.lm.new_cache())
+        return torch.softmax(logits[0, -1] / temperature, -1)
+
+    p1 = dist(prompt)
+    firsts = torch.topk(p1, 8).indices.tolist()
+    exact = {(a, b): float(p1[a] * q) for a in firsts for b, q in enumerate(dist(prompt + [a]).tolist())}
+    likely = {seq: p for seq, p in exact.items() if p >= 0.05}
+    assert len(likely) >= 2, "the test needs a spread distribution"
+    for seq, p in likely.items():
+        f = got[seq] / n
+        assert abs(f - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 0.01, (seq, f, p)
+    greedy = tuple(verifier.generate([prompt], 2)[0].token_ids)
+    assert got[greedy] < n  # sampling, not greedy
+    assert spec.generate(prompt, 12, seed=5, temperature=1.0).token_ids == \
+        spec.generate(prompt, 12, seed=5, temperature=1.0).token_ids
