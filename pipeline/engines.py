@@ -8,7 +8,8 @@ cannot tell them apart. Differences a user sees:
 * the drafter applies no grammar inside the denoising loop (vLLM rejects structured output for
   DiffusionGemma); validation, repair and fallback still guarantee structured answers;
 * the verify route runs :func:`models.vllm_backend.speculate` over the drafter engine and a
-  co-located AR engine.
+  co-located AR engine, greedy only (sampled verification redraws from the verifier's whole
+  distribution, which vLLM's prompt logprobs do not return).
 """
 
 from __future__ import annotations
@@ -119,8 +120,12 @@ class EngineDrafter:
         return self.verifier
 
     async def _speculate(self, job: Job, on_tokens=None):
+        from models.verifier import MIN_TEMPERATURE
         from models.vllm_backend import speculate
 
+        if job.temperature >= MIN_TEMPERATURE:  # sampled verification needs full distributions
+            raise BadRequest("the verify route on the vLLM backend is greedy only: send temperature 0 "
+                             "or use another route", param="temperature")
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
         r = await speculate(self._need_verifier(), self.engine.draft_canvas, prompt, job.max_tokens,

@@ -83,7 +83,7 @@ def test_speculative_rounds_return_exactly_the_greedy_answer(good, budget):
 
 
 def test_engine_drafter_streams_verified_rounds_and_refuses_verify_without_a_verifier():
-    job = Job(messages=(("user", "hello there"),), prompt=None, max_tokens=40)
+    job = Job(messages=(("user", "hello there"),), prompt=None, max_tokens=40, temperature=0.0)
     drafter = EngineDrafter(StandInDrafter(4), Tok(), GreedyVerifier(), verify_width=8)
 
     async def collect():
@@ -99,4 +99,6 @@ def test_engine_drafter_streams_verified_rounds_and_refuses_verify_without_a_ver
     lone = EngineDrafter(StandInDrafter(4), Tok(), None)
     with pytest.raises(BadRequest, match="verify route"):
         asyncio.run(lone.speculate(job))
+    with pytest.raises(BadRequest, match="greedy only"):
+        asyncio.run(drafter.speculate(Job(messages=job.messages, prompt=None, max_tokens=8, temperature=0.7)))
 
