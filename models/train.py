@@ -79,7 +79,7 @@ def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float = 0.5,
-                  eps: float = 1e-3) -> tuple[torch.Tensor, dict[str, float]]:
+                  eps: float = 1e-3, diffusion_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     from transformers import DynamicCache
 
     cfg = model.config
@@ -126,7 +126,7 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
             sc_logits = decode(None, None).detach()
     logits = decode(sc_logits, None)
     diff_loss = F.cross_entropy(logits.reshape(-1, vocab), batch.canvas_target.reshape(-1))
-    loss = diff_loss + ar_loss
+    loss = diffusion_weight * diff_loss + ar_loss
     return loss, {"diffusion": diff_loss.item(), "ar": ar_loss.item()}
 
 
@@ -150,7 +150,7 @@ def default_generation_config(max_new_tokens: int = 256):
 
 def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: float, seed: int,
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
-          log_every: int = 50) -> tuple[object, object, list[float]]:
+          log_every: int = 50, diffusion_weight: float = 1.0) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
     Returns ``(model, tokenizer, losses)``.
@@ -182,7 +182,7 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
         batch = make_batch(tokenizer, exs, spec.canvas_length, rng)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss, parts = loss_on_batch(model, batch, gen)
+        loss, parts = loss_on_batch(model, batch, gen, diffusion_weight=diffusion_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -211,10 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--micro", action="store_true", help="micro config for smoke runs")
+    p.add_argument("--canvas-length", type=int, default=None, help="canvas length (default: the spec's 64)")
+    p.add_argument("--diffusion-weight", type=float, default=1.0, help="weight of the diffusion loss (AR: 1)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = MICRO if a.micro else TinySpec()
-    _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes)
+    if a.canvas_length is not None:
+        from dataclasses import replace
+
+        spec = replace(spec, canvas_length=a.canvas_length)
+    _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes,
+                         diffusion_weight=a.diffusion_weight)
     print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
 
 
