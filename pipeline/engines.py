@@ -24,6 +24,16 @@ from .interfaces import Job, TextChunk, TextResult
 from .local import TextDelta, encode_job, speculative_stats
 
 
+async def _chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> AsyncIterator[TextChunk]:
+    """Text chunks of token-id ``pieces``; the last chunk carries ``finish(ids, text)``."""
+    delta = TextDelta(tokenizer)
+    async for ids in pieces:
+        text = delta.push(ids)
+        if text:
+            yield TextChunk(text)
+    yield TextChunk("", finish(delta.ids, tokenizer.decode(delta.ids, skip_special_tokens=True)))
+
+
 def _constraint(job: Job) -> tuple[str | None, object]:
     c = job.constraint
     return (c.kind, c.spec) if c is not None else (None, None)
@@ -56,17 +66,12 @@ class EngineAR:
         return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
                           {**result.stats, "repair_reused_tokens": 0})
 
-    async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
         kind, spec = _constraint(job)
-        delta = TextDelta(self.tokenizer)
-        n = 0
-        async for ids in self.engine.stream(prompt, job.max_tokens, job.temperature, job.seed, kind, spec):
-            n += len(ids)
-            piece = delta.push(ids)
-            if piece:
-                yield TextChunk(piece)
-        yield TextChunk("", TextResult(self._detok(delta.ids), len(prompt), n, n < job.max_tokens, {}))
+        ids = self.engine.stream(prompt, job.max_tokens, job.temperature, job.seed, kind, spec)
+        return _chunks(self.tokenizer, ids, lambda out, text: TextResult(text, len(prompt), len(out),
+                                                                          len(out) < job.max_tokens, {}))
 
 
 class EngineDrafter:
@@ -100,18 +105,18 @@ class EngineDrafter:
         """What ``@serve.batch`` feeds: the engine batches concurrent requests itself."""
         return list(await asyncio.gather(*(self.draft(j) for j in jobs)))
 
-    async def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per committed canvas."""
         prompt = encode_job(self.tokenizer, job)
-        delta = TextDelta(self.tokenizer)
-        n = canvases = 0
-        async for ids in self.engine.canvases(prompt, job.max_tokens, seed=job.seed):
-            n += len(ids)
-            canvases += 1
-            piece = delta.push(ids)
-            if piece:
-                yield TextChunk(piece)
-        yield TextChunk("", TextResult(self._detok(delta.ids), len(prompt), n, n < job.max_tokens,
-                                       {"canvases": canvases, "backend": "vllm"}))
+        canvases = []
+
+        async def counted():
+            async for ids in self.engine.canvases(prompt, job.max_tokens, seed=job.seed):
+                canvases.append(len(ids))
+                yield ids
+
+        return _chunks(self.tokenizer, counted(), lambda out, text: TextResult(
+            text, len(prompt), len(out), len(out) < job.max_tokens, {"canvases": len(canvases), "backend": "vllm"}))
 
     def _need_verifier(self):
         if self.verifier is None:
@@ -137,19 +142,22 @@ class EngineDrafter:
         prompt, r = await self._speculate(job)
         return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
 
-    async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+    def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         """One chunk per verification round, sent as the round is accepted."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
         task = asyncio.ensure_future(self._speculate(job, on_tokens=queue.put_nowait))
         task.add_done_callback(lambda _: queue.put_nowait(done))
-        delta = TextDelta(self.tokenizer)
-        try:
-            while (ids := await queue.get()) is not done:
-                piece = delta.push(ids)
-                if piece:
-                    yield TextChunk(piece)
+
+        async def rounds():
+            try:
+                while (ids := await queue.get()) is not done:
+                    yield ids
+            finally:
+                task.cancel()
+
+        def finish(out, text):
             prompt, r = task.result()
-        finally:
-            task.cancel()
-        yield TextChunk("", TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r)))
+            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
+        return _chunks(self.tokenizer, rounds(), finish)
