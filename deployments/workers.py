@@ -60,9 +60,7 @@ class DrafterDeployment:
         settings = args.vllm_settings(str(DEFAULT_CHECKPOINT))
         engine = VLLMDiffusion.from_settings(settings)
         ar = None
-        if args.colocate_verifier:
-            if verifier.backend != "vllm":
-                raise ValueError("drafter.colocate_verifier needs verifier.backend: vllm")
+        if args.colocate_verifier:  # AppArgs checked that the verifier is a vLLM engine
             ar = VLLMCausal.from_settings(verifier.vllm_settings(""))
         self.local = EngineDrafter(engine, _tokenizer(settings.model), ar, args.verify_draft_width)
         self.ar = None

@@ -21,17 +21,7 @@ from typing import AsyncIterator
 from . import telemetry
 from .errors import BadRequest
 from .interfaces import Job, TextChunk, TextResult
-from .local import TextDelta, encode_job, speculative_stats
-
-
-async def _chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> AsyncIterator[TextChunk]:
-    """Text chunks of token-id ``pieces``; the last chunk carries ``finish(ids, text)``."""
-    delta = TextDelta(tokenizer)
-    async for ids in pieces:
-        text = delta.push(ids)
-        if text:
-            yield TextChunk(text)
-    yield TextChunk("", finish(delta.ids, tokenizer.decode(delta.ids, skip_special_tokens=True)))
+from .local import encode_job, speculative_stats, text_chunks
 
 
 def _constraint(job: Job) -> tuple[str | None, object]:
@@ -70,7 +60,7 @@ class EngineAR:
         prompt = encode_job(self.tokenizer, job)
         kind, spec = _constraint(job)
         ids = self.engine.stream(prompt, job.max_tokens, job.temperature, job.seed, kind, spec)
-        return _chunks(self.tokenizer, ids, lambda out, text: TextResult(text, len(prompt), len(out),
+        return text_chunks(self.tokenizer, ids, lambda out, text: TextResult(text, len(prompt), len(out),
                                                                           len(out) < job.max_tokens, {}))
 
 
@@ -115,7 +105,7 @@ class EngineDrafter:
                 canvases.append(len(ids))
                 yield ids
 
-        return _chunks(self.tokenizer, counted(), lambda out, text: TextResult(
+        return text_chunks(self.tokenizer, counted(), lambda out, text: TextResult(
             text, len(prompt), len(out), len(out) < job.max_tokens, {"canvases": len(canvases), "backend": "vllm"}))
 
     def _need_verifier(self):
@@ -160,4 +150,4 @@ class EngineDrafter:
             prompt, r = task.result()
             return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
 
-        return _chunks(self.tokenizer, rounds(), finish)
+        return text_chunks(self.tokenizer, rounds(), finish)

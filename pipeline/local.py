@@ -90,17 +90,32 @@ async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], objec
         cancelled.set()
 
 
-async def _stream_in_thread(tokenizer, produce, finish) -> AsyncIterator[TextChunk]:
+async def text_chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> AsyncIterator[TextChunk]:
+    """Text chunks of token-id ``pieces`` (incomplete UTF-8 held back); the last chunk carries
+    ``finish(ids, text)``, the closing :class:`TextResult`."""
+    delta = TextDelta(tokenizer)
+    async for ids in pieces:
+        text = delta.push(ids)
+        if text:
+            yield TextChunk(text)
+    yield TextChunk("", finish(delta.ids, tokenizer.decode(delta.ids, skip_special_tokens=True)))
+
+
+def _stream_in_thread(tokenizer, produce, finish) -> AsyncIterator[TextChunk]:
     """Text chunks from a model call in a thread: ``produce(emit)`` emits token-id lists and returns
     the call's result; ``finish(result, ids)`` turns it into the closing :class:`TextResult`."""
-    delta = TextDelta(tokenizer)
-    async for item in _iterate_in_thread(produce):
-        if isinstance(item, tuple) and item[0] == "__result__":
-            yield TextChunk("", finish(item[1], delta.ids))
-        else:
-            piece = delta.push(item)
-            if piece:
-                yield TextChunk(piece)
+    box: dict = {}
+
+    async def pieces():
+        async for item in _iterate_in_thread(produce):
+            if isinstance(item, tuple) and item[0] == "__result__":
+                box["result"] = item[1]
+            else:
+                yield item
+        if "result" not in box:  # only after the consumer went away, so nobody reads this
+            raise RuntimeError("the model call ended without a result")
+
+    return text_chunks(tokenizer, pieces(), lambda ids, text: finish(box["result"], ids))
 
 
 def grammar_for(grammar, job: Job, build):
