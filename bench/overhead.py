@@ -1,12 +1,12 @@
 """Serving overhead: the same request over HTTP (Ray Serve app) vs an in-process pipeline call.
 
 ``python -m bench.overhead [--n 40] [--json]`` starts the real app with ``serve.run`` on
-127.0.0.1, sends ``n`` identical requests (fixed seed, so identical work), then runs the same
-request ``n`` times through an in-process :class:`pipeline.gateway.Gateway` over the same local
-backends, and prints p50/p90 latency of both and their difference (the serving overhead). Because
-the model's own speed drifts between the two runs on a shared machine, it also prints the paired
-figure: per request, latency minus the model call's time measured inside the backend
-(``stats.draft_s`` / ``stats.ar_s``), the median of that over HTTP minus in-process.
+127.0.0.1 and builds the same pipeline in-process (:class:`pipeline.gateway.Gateway` over the same
+local backends), then sends ``n`` identical requests (fixed seed, so identical work) to each,
+interleaved one by one, and prints p50/p90 latency of both and their difference (the serving
+overhead). It also prints the paired figure: per request, latency minus the model call's time
+measured inside the backend (``stats.draft_s`` / ``stats.ar_s``), the median of that over HTTP
+minus in-process.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def request_body(route: str, max_tokens: int) -> dict:
             "messages": [{"role": "user", "content": "Describe Paris in a few words."}]}
 
 
-def over_http(n: int, body: dict) -> list[tuple[float, float]]:
+def start_app():
+    """The real app (serve.run) on 127.0.0.1:8766; returns its chat URL."""
     import ray
-    import requests
     from ray import serve
 
     from deployments.app import build_app
@@ -40,19 +40,15 @@ def over_http(n: int, body: dict) -> list[tuple[float, float]]:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8766})
     serve.run(build_app({"drafter": {"device": "cpu", "dtype": "float32"}}), name="dgserve", route_prefix="/")
-    url = "http://127.0.0.1:8766/v1/chat/completions"
-    session = requests.Session()
-    for _ in range(3):
-        session.post(url, json=body, timeout=60).raise_for_status()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        r = session.post(url, json=body, timeout=60)
-        times.append((time.perf_counter() - t0, model_seconds(r.json())))
-        r.raise_for_status()
+    return "http://127.0.0.1:8766/v1/chat/completions"
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
     serve.shutdown()
     ray.shutdown()
-    return times
 
 
 def model_seconds(body: dict) -> float:
@@ -61,7 +57,8 @@ def model_seconds(body: dict) -> float:
     return stats.get("draft_s", stats.get("ar_s", 0.0))
 
 
-def in_process(n: int, body: dict) -> list[tuple[float, float]]:
+def in_process_gateway():
+    """The same pipeline as the app's, in this process, over the same local backends."""
     import torch
 
     from models.drafter import DiffusionDrafter
@@ -73,21 +70,51 @@ def in_process(n: int, body: dict) -> list[tuple[float, float]]:
     torch.set_num_threads(1)  # as in the drafter replica (torch_threads: 1)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    gw = Gateway(Pipeline(LocalDrafter(drafter), LocalAR(ar), LocalValidator()), "dgserve-tiny")
-    raw = json.dumps(body).encode()
+    return Gateway(Pipeline(LocalDrafter(drafter), LocalAR(ar), LocalValidator()), "dgserve-tiny")
 
-    async def run() -> list[tuple[float, float]]:
-        for _ in range(3):
-            await gw.chat(raw)
-        times = []
-        for _ in range(n):
+
+def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(HTTP, in-process) pairs of (latency, model seconds), requests interleaved one by one so
+    that both see the same machine: drift of the model's speed over the run (other processes,
+    CPU frequency) hits both sides alike instead of whichever ran second."""
+    import requests
+
+    url = start_app()
+    try:
+        gw = in_process_gateway()
+        raw = json.dumps(body).encode()
+        loop = asyncio.new_event_loop()
+        session = requests.Session()
+
+        def http_once() -> tuple[float, float]:
             t0 = time.perf_counter()
-            reply = await gw.chat(raw)
-            times.append((time.perf_counter() - t0, model_seconds(reply.body)))
-            assert reply.status == 200, reply.body
-        return times
+            r = session.post(url, json=body, timeout=60)
+            t = time.perf_counter() - t0
+            r.raise_for_status()
+            return t, model_seconds(r.json())
 
-    return asyncio.run(run())
+        def local_once() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            reply = loop.run_until_complete(gw.chat(raw))
+            t = time.perf_counter() - t0
+            assert reply.status == 200, reply.body
+            return t, model_seconds(reply.body)
+
+        for _ in range(3):
+            http_once()
+            local_once()
+        http, local = [], []
+        for i in range(n):  # alternate which side goes first
+            if i % 2:
+                http.append(http_once())
+                local.append(local_once())
+            else:
+                local.append(local_once())
+                http.append(http_once())
+        loop.close()
+        return http, local
+    finally:
+        stop_app()
 
 
 def main(argv=None) -> None:
@@ -98,8 +125,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     body = request_body(a.route, a.max_tokens)
-    local_pairs = in_process(a.n, body)
-    http_pairs = over_http(a.n, body)
+    http_pairs, local_pairs = measure(a.n, body)
     local, http = [t for t, _ in local_pairs], [t for t, _ in http_pairs]
     ms = lambda x: round(1000 * x, 2)  # noqa: E731
     result = {

@@ -7,7 +7,7 @@ exported causal copy (``models/export_ar.py``), for the same held-out prompts:
 * AR: transformers greedy vs vLLM greedy (tokens/s at batch 1 and batch n, identical tokens);
 * drafter: transformers (``models/drafter.py``, steps per canvas and tokens per forward) vs vLLM's
   diffusion runner (tokens/s at batch 1 and batch n);
-* verify: ``models.vllm_backend.speculate`` (vLLM drafter + vLLM verifier) equals vLLM greedy.
+* verify: ``models.speculative.speculate_rounds`` (vLLM drafter + vLLM verifier) equals vLLM greedy.
 
 Prints one table (or JSON). Asserts nothing about speed; reports what differs.
 """
@@ -27,7 +27,8 @@ def _tokens(outs) -> int:
 
 
 async def _vllm_rows(dg_dir: Path, ar_dir: Path, prompts, max_new: int, detok) -> dict:
-    from models.vllm_backend import VLLMCausal, VLLMDiffusion, VLLMSettings, speculate
+    from models.speculative import speculate_rounds
+    from models.vllm_backend import VLLMCausal, VLLMDiffusion, VLLMSettings
 
     rows: dict = {}
     ar = VLLMCausal.from_settings(VLLMSettings(model=str(ar_dir), dtype="float32", max_model_len=2048,
@@ -55,7 +56,7 @@ async def _vllm_rows(dg_dir: Path, ar_dir: Path, prompts, max_new: int, detok) -
     t = time.perf_counter()
     accepted = []
     for p, want in zip(prompts, rows["vllm_ar_tokens"]):
-        r = await speculate(ar, dg.draft_canvas, p, max_new, dg.canvas_length, detok)
+        r = await speculate_rounds(ar, dg.draft_canvas, p, max_new, dg.canvas_length, detok)
         same += list(r.token_ids) == want
         accepted += list(r.accepted)
     rows["vllm_verify"] = {"identical_to_vllm_greedy": f"{same}/{len(prompts)}",

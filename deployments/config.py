@@ -79,10 +79,15 @@ class DrafterArgs(ModelArgs):
     batch_wait_timeout_s: float = Field(default=0.0, ge=0)
     max_denoising_steps: int | None = Field(default=None, ge=1)  # None = the checkpoint's setting
     verify_draft_steps: int | None = Field(default=None, ge=1)  # denoising steps per draft on the verify route
-    verify_draft_width: int | None = Field(default=None, ge=1)  # vllm backend: canvas width per verify round
-    # vllm backend: build an AR engine (verifier.vllm settings) inside this replica for the verify
-    # route; both engines share the GPU, so split gpu_memory_utilization between them
-    colocate_verifier: bool = False
+    verify_draft_width: int | None = Field(default=None, ge=1)  # canvas width per remote verify round
+    # Where the verify route's drafts are verified:
+    #   local: in this replica: the drafter's own weights (verifier.source: same, one shared cache),
+    #          the causal checkpoint loaded here too (transformers), or an AR engine built here
+    #          (vllm; both engines share the GPU: split gpu_memory_utilization between them);
+    #   verifier: one call per round to the Verifier deployment (verifier.source: causal), no
+    #          second model in this replica;
+    #   auto: local for the transformers backend, verifier for vllm.
+    verify_with: Literal["auto", "local", "verifier"] = "auto"
 
 
 class VerifierArgs(ModelArgs):
@@ -145,9 +150,19 @@ class AppArgs(_Strict):
                              "from the same weights)")
         if self.verifier.backend == "vllm" and (self.verifier.source != "causal" or not self.verifier.checkpoint):
             raise ValueError("verifier.backend vllm needs verifier.source: causal and a checkpoint")
-        if self.drafter.colocate_verifier and self.verifier.backend != "vllm":
-            raise ValueError("drafter.colocate_verifier needs verifier.backend: vllm")
+        mode = self.verify_mode()
+        if mode == "verifier" and self.verifier.source != "causal":
+            raise ValueError("drafter.verify_with: verifier needs a Verifier deployment (verifier.source: causal)")
+        if mode == "local" and self.drafter.backend == "vllm" and self.verifier.backend != "vllm":
+            raise ValueError("drafter.verify_with: local on the vllm drafter builds an AR engine in the drafter "
+                             "replica: it needs verifier.backend: vllm")
         return self
+
+    def verify_mode(self) -> Literal["local", "verifier"]:
+        """Where the verify route's drafts are verified (``drafter.verify_with`` with auto resolved)."""
+        if self.drafter.verify_with != "auto":
+            return self.drafter.verify_with
+        return "verifier" if self.drafter.backend == "vllm" else "local"
 
     @model_validator(mode="after")
     def _shedding_below_ray_limit(self):

@@ -18,12 +18,16 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def _grammar(verifier, structured: StructuredArgs):
+def _grammar(tokenizer, model, eos_ids, structured: StructuredArgs):
     from models.grammar import GrammarEngine
 
-    eos = sorted(verifier.eos_ids)[0]
-    vocab = verifier.lm.model.config.get_text_config().vocab_size
-    return GrammarEngine(verifier.tokenizer, vocab, eos, verifier.pad_id, structured.grammar_compile_timeout_s)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = model.config.get_text_config().vocab_size
+    return GrammarEngine(tokenizer, vocab, sorted(eos_ids)[0], pad, structured.grammar_compile_timeout_s)
+
+
+def _verifier_grammar(verifier, structured: StructuredArgs):
+    return _grammar(verifier.tokenizer, verifier.lm.model, verifier.eos_ids, structured)
 
 
 def _tokenizer(path: str):
@@ -37,51 +41,68 @@ class DrafterDeployment:
     """DiffusionGemma drafts; concurrent requests are denoised as one batch (``@serve.batch``).
 
     With ``verifier.source == "same"`` this replica also serves AR decoding through the same
-    weights, so one copy of the weights serves both roles.
+    weights, so one copy of the weights serves both roles. ``verifier_handle`` (the Verifier
+    deployment, when ``drafter.verify_with`` resolves to ``verifier``) verifies the verify route's
+    rounds there instead of in this replica.
     """
 
-    def __init__(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs):
+    def __init__(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs,
+                 verifier_handle=None):
         configure_tracing("drafter")
         _threads(args.torch_threads)
         if args.backend == "vllm":
-            self._init_vllm(args, verifier)
+            self._init_vllm(args, verifier, verifier_handle)
         else:
-            self._init_transformers(args, verifier, structured)
+            self._init_transformers(args, verifier, structured, verifier_handle)
         self._draft_batch.set_max_batch_size(args.max_batch_size)
         self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    def _init_vllm(self, args: DrafterArgs, verifier: VerifierArgs) -> None:
-        """DiffusionGemma on vLLM; with ``colocate_verifier`` an AR engine runs here too, for the
-        verify route (the Verifier deployment still serves generate/stream/repair)."""
+    def _init_vllm(self, args: DrafterArgs, verifier: VerifierArgs, handle) -> None:
+        """DiffusionGemma on vLLM. The verify route's rounds are verified by the Verifier
+        deployment (``handle``) or, with ``verify_with: local``, by an AR engine built here (the
+        Verifier deployment still serves generate/stream/repair)."""
         from models.loading import DEFAULT_CHECKPOINT
         from models.vllm_backend import VLLMCausal, VLLMDiffusion
         from pipeline.engines import EngineDrafter
 
         settings = args.vllm_settings(str(DEFAULT_CHECKPOINT))
         engine = VLLMDiffusion.from_settings(settings)
-        ar = None
-        if args.colocate_verifier:  # AppArgs checked that the verifier is a vLLM engine
+        if handle is not None:
+            ar = VerifierHandle(handle, engine.eos_ids)
+        else:  # AppArgs checked that the verifier is a vLLM engine
             ar = VLLMCausal.from_settings(verifier.vllm_settings(""))
-        self.local = EngineDrafter(engine, _tokenizer(settings.model), ar, args.verify_draft_width)
+        self.local = EngineDrafter(engine, _tokenizer(settings.model), ar, args.verify_draft_width,
+                                   args.verify_draft_steps)
         self.ar = None
 
-    def _init_transformers(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs) -> None:
+    def _init_transformers(self, args: DrafterArgs, verifier: VerifierArgs, structured: StructuredArgs,
+                           handle) -> None:
         from models.drafter import DiffusionDrafter, DraftSettings
         from models.speculative import SpeculativeDecoder
         from models.verifier import ARVerifier
-        from pipeline.local import LocalAR, LocalDrafter
+        from pipeline.local import LocalAR, LocalDrafter, RoundSpeculation, threaded_draft_canvas
 
         drafter = DiffusionDrafter.from_pretrained(args.checkpoint, args.device, args.dtype)
         if args.max_denoising_steps is not None:
             base = drafter.settings
             drafter.settings = DraftSettings(**{**base.__dict__, "max_steps": args.max_denoising_steps})
-        # The verify route needs drafter and verifier in one process: the drafter's own weights
-        # (no second copy), or the separate causal checkpoint co-located here.
+        if handle is not None:  # rounds verified by the Verifier deployment: no AR model here
+            steps = args.verify_draft_steps
+            settings = None if steps is None else DraftSettings(**{**drafter.settings.__dict__, "max_steps": steps})
+            rounds = RoundSpeculation(drafter.tokenizer, threaded_draft_canvas(drafter, settings),
+                                      VerifierHandle(handle, drafter.eos_ids),
+                                      args.verify_draft_width or drafter.canvas_length)
+            grammar = _grammar(drafter.tokenizer, drafter.model, drafter.eos_ids, structured)
+            self.local = LocalDrafter(drafter, None, grammar if structured.canvas_guidance else None, rounds)
+            self.ar = None
+            return
+        # In-process verification: the drafter's own weights (no second copy, one shared cache),
+        # or the separate causal checkpoint co-located here.
         if verifier.source == "same":
             ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
         else:
             ar = ARVerifier.from_pretrained(verifier.checkpoint, "causal", verifier.device, verifier.dtype)
-        grammar = _grammar(ar, structured)
+        grammar = _verifier_grammar(ar, structured)
         self.local = LocalDrafter(drafter, SpeculativeDecoder(drafter, ar, args.verify_draft_steps),
                                   grammar if structured.canvas_guidance else None)
         self.ar = LocalAR(ar, grammar) if verifier.source == "same" else None
@@ -138,7 +159,7 @@ class VerifierDeployment:
             self.ar = EngineAR(VLLMCausal.from_settings(settings), _tokenizer(settings.model))
             return
         verifier = ARVerifier.from_pretrained(args.checkpoint, "causal", args.device, args.dtype)
-        self.ar = LocalAR(verifier, _grammar(verifier, structured))
+        self.ar = LocalAR(verifier, _verifier_grammar(verifier, structured))
 
     async def generate(self, job: Job) -> TextResult:
         return await self.ar.generate(job)
@@ -149,6 +170,14 @@ class VerifierDeployment:
     async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.ar.stream(job):
             yield chunk
+
+    async def next_token(self, prompt: list[int]) -> int | None:
+        """Greedy token after ``prompt`` (a verify round's start, for a Drafter replica)."""
+        return await self.ar.next_token(prompt)
+
+    async def verify(self, prompt: list[int], draft: list[int]):
+        """One forward over ``prompt + draft``: a :class:`models.speculative.Verification`."""
+        return await self.ar.verify(prompt, draft)
 
 
 @serve.deployment(name="Validator")
@@ -213,6 +242,21 @@ class ARHandle:
 
     async def repair(self, job: Job, draft_text: str) -> TextResult:
         return await _call(self.handle.repair, job, draft_text)
+
+
+class VerifierHandle:
+    """A :class:`models.speculative.RoundVerifier` over a Verifier deployment handle: one call per
+    verify round. ``eos_ids`` are the drafter's (drafter and verifier share one tokenizer)."""
+
+    def __init__(self, handle, eos_ids):
+        self.handle = handle
+        self.eos_ids = frozenset(eos_ids)
+
+    async def next_token(self, prompt) -> int | None:
+        return await _call(self.handle.next_token, list(prompt))
+
+    async def verify(self, prompt, draft):
+        return await _call(self.handle.verify, list(prompt), list(draft))
 
 
 class ValidatorHandle:

@@ -77,6 +77,20 @@ class CanvasHook(Protocol):
         ...
 
 
+class PinFirst:
+    """Canvas hook pinning position 0 to a known token (a verify round's draft starts with the
+    verifier's next token)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def pins(self, canvas_index, committed):
+        return {0: self.token}
+
+    def mask(self, canvas_index, step, committed, logits):
+        return None
+
+
 @dataclass(frozen=True)
 class Draft:
     token_ids: tuple[int, ...]  # output tokens, <eos> excluded
@@ -242,6 +256,22 @@ class DiffusionDrafter:
                 tokens_per_canvas=tuple(row.canvas_tokens),
             ))
         return drafts
+
+    @torch.inference_mode()
+    def draft_canvas(self, prefix: Sequence[int], first_token: int, width: int, seed: int = 0,
+                     settings: DraftSettings | None = None) -> tuple[list[int], int]:
+        """One canvas after ``prefix`` with position 0 pinned to ``first_token``: a verify round's
+        draft when the verifier runs elsewhere (no cache is shared with it, so ``prefix`` is encoded
+        afresh). Returns the canvas' first ``width`` tokens and the denoising steps spent."""
+        if not prefix:
+            raise ValueError("the prefix needs at least one token")
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        cache = self.new_cache()
+        self.encode(cache, ids, mask, 0)
+        row = DraftRow(prompt_len=len(prefix), budget=width, hook=PinFirst(first_token))
+        canvas = self.denoise_canvas(cache, mask, len(prefix), [row], len(prefix), seed, settings)[0]
+        return canvas[:width].tolist(), row.steps[-1]
 
     def decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor | None, cache, mask_mapping,
                        positions: torch.Tensor) -> torch.Tensor:

@@ -28,17 +28,21 @@ With the drafter's own weights as verifier (``DiffusionCausalLM`` on the same mo
 forward IS the encoder pass that extends the drafter's context, so drafter and verifier share one
 cache and a round costs one encoder forward plus the denoising steps. With a separate causal LM the
 drafter's cache is extended by one extra encoder pass over the accepted tokens.
+
+:func:`speculate_rounds` runs the same greedy rounds between two services that do not share a
+process or a cache: an async ``draft_canvas`` (a vLLM engine, or :meth:`DiffusionDrafter.draft_canvas`)
+and an async verifier (a vLLM engine, or the Verifier deployment over a Ray handle).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import torch
 
-from .drafter import DiffusionDrafter, DraftRow, DraftSettings
+from .drafter import DiffusionDrafter, DraftRow, DraftSettings, PinFirst
 from .verifier import MIN_TEMPERATURE, ARVerifier, DiffusionCausalLM
 
 
@@ -58,6 +62,78 @@ class SpeculativeResult:
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted) / max(1, len(self.accepted))
+
+
+@dataclass(frozen=True)
+class Verification:
+    accepted: int  # length of the accepted draft prefix
+    correction: int | None  # the verifier's greedy token right after the accepted prefix
+
+
+class RoundVerifier(Protocol):
+    """What :func:`speculate_rounds` needs of a verifier (same tokenizer as the drafter)."""
+
+    eos_ids: frozenset[int]
+
+    async def next_token(self, prompt: Sequence[int]) -> int | None:
+        """The greedy token after ``prompt``."""
+        ...
+
+    async def verify(self, prompt: Sequence[int], draft: Sequence[int]) -> Verification:
+        """One forward over ``prompt + draft``: the longest greedy-agreeing draft prefix and the
+        greedy token after it."""
+        ...
+
+
+# (prefix, pinned first token, width) -> the canvas and its denoising steps (None: not reported)
+DraftCanvas = Callable[[Sequence[int], int, int], Awaitable[tuple[list[int], int | None]]]
+
+
+async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, prompt: Sequence[int],
+                           max_new_tokens: int, width: int, detok: Callable[[list[int]], str],
+                           on_tokens: Callable[[list[int]], None] | None = None) -> SpeculativeResult:
+    """Greedy speculative decoding between two services: each round ``draft_canvas(prefix,
+    first_token, width)`` proposes a canvas whose first token is the verifier's known next token;
+    ``verifier.verify`` accepts its longest greedy-agreeing prefix and names the correction token,
+    which starts the next round. The output is the verifier's greedy output, token for token (the
+    rule of :class:`SpeculativeDecoder`); a round costs one draft and one verifier call."""
+    start = time.perf_counter()
+    nxt = await verifier.next_token(prompt)
+    out: list[int] = []
+    accepted: list[int] = []
+    ends: list[float] = []
+    steps: list[int] = []
+    forwards, finished = 1, False
+    while nxt is not None and len(out) < max_new_tokens:
+        if nxt in verifier.eos_ids:
+            finished = True
+            break
+        prefix = list(prompt) + out
+        canvas, n_steps = await draft_canvas(prefix, nxt, width)
+        if n_steps is not None:
+            steps.append(n_steps)
+        canvas = list(canvas)[: max_new_tokens - len(out)] or [nxt]
+        canvas[0] = nxt
+        cut = next((i for i, t in enumerate(canvas) if t in verifier.eos_ids), None)
+        canvas = canvas if cut is None else canvas[: cut + 1]
+        v = await verifier.verify(prefix, canvas)
+        forwards += 1
+        keep = canvas[: max(1, v.accepted)]
+        accepted.append(len(keep))
+        ends.append(time.perf_counter() - start)
+        emitted = [t for t in keep if t not in verifier.eos_ids]
+        out += emitted
+        if on_tokens is not None and emitted:
+            on_tokens(emitted)
+        if len(emitted) < len(keep):
+            finished = True
+            break
+        nxt = v.correction
+    out = out[:max_new_tokens]
+    return SpeculativeResult(token_ids=tuple(out), text=detok(out), finished=finished, drafts=len(accepted),
+                             accepted=tuple(accepted), verifier_forwards=forwards, denoising_steps=sum(steps),
+                             total_s=time.perf_counter() - start, round_steps=tuple(steps),
+                             round_ends_s=tuple(ends))
 
 
 class SpeculativeDecoder:
@@ -113,7 +189,7 @@ class SpeculativeDecoder:
             if nxt in self.eos_ids:
                 finished = True
                 break
-            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=_PinFirst(nxt))
+            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=PinFirst(nxt))
             row.tokens = out
             ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
             canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)[0].tolist()
@@ -173,16 +249,3 @@ class SpeculativeDecoder:
             round_steps=tuple(round_steps),
             round_ends_s=tuple(round_ends),
         )
-
-
-class _PinFirst:
-    """Canvas hook pinning position 0 to the verifier's known next token."""
-
-    def __init__(self, token: int):
-        self.token = token
-
-    def pins(self, canvas_index, committed):
-        return {0: self.token}
-
-    def mask(self, canvas_index, step, committed, logits):
-        return None

@@ -148,11 +148,32 @@ def default_generation_config(max_new_tokens: int = 256):
     )
 
 
+def batches(tokenizer, batch_size: int, seed: int, bucket: int = 1):
+    """Training batches of examples, endless. ``bucket > 1``: draw ``bucket`` batches' worth of
+    consecutive examples, sort them by token length, cut them into batches and yield those in a
+    seeded random order, so that a batch pads to its own longest row rather than to the longest of
+    a random draw (the same examples, each once, with less padding)."""
+    order = random.Random(seed ^ 0x5EED)
+    index = 0
+    while True:
+        pool = [tasks.example("train", seed, index + i) for i in range(batch_size * bucket)]
+        index += len(pool)
+        if bucket > 1:
+            pool.sort(key=lambda ex: len(tokenizer(ex.instruction + ex.target)["input_ids"]))
+        group = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        if bucket > 1:
+            order.shuffle(group)
+        yield from group
+
+
 def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: float, seed: int,
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
-          log_every: int = 50, diffusion_weight: float = 1.0) -> tuple[object, object, list[float]]:
+          log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
+          implementation: str = "eager") -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
+    ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
+    ``eager`` (eager attention and experts: about 10% faster at this size on CPU).
     Returns ``(model, tokenizer, losses)``.
     """
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -164,7 +185,9 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
     if tokenizer is None:
         tokenizer = train_tokenizer(tasks.corpus_lines(20000, seed), spec.vocab_size)
     model = DiffusionGemmaForBlockDiffusion(build_config(spec))
-    model.config._attn_implementation = "sdpa"
+    if implementation == "eager":
+        model.set_experts_implementation("eager")
+    model.config._attn_implementation = implementation
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, min(200, steps // 10))
@@ -177,8 +200,9 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
     losses: list[float] = []
     start = time.monotonic()
     bar = tqdm(range(steps), disable=not progress, desc="train", mininterval=5)
+    stream = batches(tokenizer, batch_size, seed, bucket)
     for step in bar:
-        exs = [tasks.example("train", seed, step * batch_size + i) for i in range(batch_size)]
+        exs = next(stream)
         batch = make_batch(tokenizer, exs, spec.canvas_length, rng)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
@@ -204,8 +228,8 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2800)
+    p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -213,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro", action="store_true", help="micro config for smoke runs")
     p.add_argument("--canvas-length", type=int, default=None, help="canvas length (default: the spec's 64)")
     p.add_argument("--diffusion-weight", type=float, default=1.0, help="weight of the diffusion loss (AR: 1)")
+    p.add_argument("--bucket", type=int, default=16,
+                   help="sort this many batches' worth of examples by length before batching (1: off)")
+    p.add_argument("--implementation", choices=("sdpa", "eager"), default="eager",
+                   help="attention/experts implementation while training")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = MICRO if a.micro else TinySpec()
@@ -221,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
 
         spec = replace(spec, canvas_length=a.canvas_length)
     _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes,
-                         diffusion_weight=a.diffusion_weight)
+                         diffusion_weight=a.diffusion_weight, bucket=a.bucket,
+                         implementation=a.implementation)
     print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
 
 

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
+from .speculative import Verification
+
 _ids = itertools.count()
 
 
@@ -77,12 +79,6 @@ class EngineResult:
     finished: bool  # ended by <eos>/a stop (else by the token budget)
     first_token_s: float
     total_s: float
-
-
-@dataclass(frozen=True)
-class Verification:
-    accepted: int  # length of the accepted draft prefix
-    correction: int | None  # the model's greedy token right after the accepted prefix
 
 
 def _structured(kind: str | None, spec: Any):
@@ -245,9 +241,10 @@ class VLLMDiffusion(_Engine):
                 yield new
 
     async def draft_canvas(self, prompt: Sequence[int], first_token: int, width: int,
-                           max_steps: int | None = None) -> list[int]:
+                           max_steps: int | None = None) -> tuple[list[int], None]:
         """One canvas after ``prompt`` whose position 0 is pinned to ``first_token`` (the verifier's
-        known next token), read whole (``diffusion_read_only``): the draft of a verify round."""
+        known next token), read whole (``diffusion_read_only``): the draft of a verify round. vLLM
+        does not report the denoising steps (None)."""
         import random
 
         noise = [random.Random(first_token * 7919 + len(prompt)).randrange(self.vocab_size) for _ in range(width)]
@@ -260,46 +257,4 @@ class VLLMDiffusion(_Engine):
         async for out in self.engine.generate({"prompt_token_ids": list(prompt)},
                                               self.params(width, extra_args=extra), f"dgserve-c{next(_ids)}"):
             ids += list(out.outputs[0].token_ids)
-        return ids
-
-
-async def speculate(verifier: VLLMCausal, draft_canvas, prompt: Sequence[int], max_new_tokens: int, width: int,
-                    detok, on_tokens=None):
-    """Speculative decoding over two engines: each round ``draft_canvas(prefix, first_token, width)``
-    proposes a canvas whose first token is the verifier's known next token; ``verifier.verify``
-    accepts its longest greedy-agreeing prefix and names the correction token, which starts the next
-    round. The output is the verifier's greedy output (same rule as ``models/speculative.py``)."""
-    from .speculative import SpeculativeResult
-
-    start = time.perf_counter()
-    nxt = await verifier.next_token(prompt)
-    out: list[int] = []
-    accepted: list[int] = []
-    ends: list[float] = []
-    forwards, finished = 1, False
-    while nxt is not None and len(out) < max_new_tokens:
-        if nxt in verifier.eos_ids:
-            finished = True
-            break
-        prefix = list(prompt) + out
-        canvas = (await draft_canvas(prefix, nxt, width))[: max_new_tokens - len(out)] or [nxt]
-        canvas[0] = nxt
-        cut = next((i for i, t in enumerate(canvas) if t in verifier.eos_ids), None)
-        canvas = canvas if cut is None else canvas[: cut + 1]
-        v = await verifier.verify(prefix, canvas)
-        forwards += 1
-        keep = canvas[: max(1, v.accepted)]
-        accepted.append(len(keep))
-        ends.append(time.perf_counter() - start)
-        emitted = [t for t in keep if t not in verifier.eos_ids]
-        out += emitted
-        if on_tokens is not None and emitted:
-            on_tokens(emitted)
-        if len(emitted) < len(keep):
-            finished = True
-            break
-        nxt = v.correction
-    out = out[:max_new_tokens]
-    return SpeculativeResult(token_ids=tuple(out), text=detok(out), finished=finished, drafts=len(accepted),
-                             accepted=tuple(accepted), verifier_forwards=forwards, denoising_steps=0,
-                             total_s=time.perf_counter() - start, round_ends_s=tuple(ends))
+        return ids, None

@@ -7,9 +7,10 @@ cannot tell them apart. Differences a user sees:
   grammar at the answer's first token, so a draft prefix cannot be resumed under it;
 * the drafter applies no grammar inside the denoising loop (vLLM rejects structured output for
   DiffusionGemma); validation, repair and fallback still guarantee structured answers;
-* the verify route runs :func:`models.vllm_backend.speculate` over the drafter engine and a
-  co-located AR engine, greedy only (sampled verification redraws from the verifier's whole
-  distribution, which vLLM's prompt logprobs do not return).
+* the verify route runs :class:`pipeline.local.RoundSpeculation` over the drafter engine and an
+  AR verifier (a co-located vLLM engine, or the Verifier deployment over a handle), greedy only
+  (sampled verification redraws from the verifier's whole distribution, which vLLM's prompt
+  logprobs do not return).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import AsyncIterator
 from . import telemetry
 from .errors import BadRequest
 from .interfaces import Job, TextChunk, TextResult
-from .local import encode_job, speculative_stats, text_chunks
+from .local import RoundSpeculation, encode_job, text_chunks
 
 
 def _constraint(job: Job) -> tuple[str | None, object]:
@@ -56,6 +57,17 @@ class EngineAR:
         return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
                           {**result.stats, "repair_reused_tokens": 0})
 
+    # -- what a drafter elsewhere calls per verify round (models.speculative.RoundVerifier) -------
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.engine.eos_ids
+
+    async def next_token(self, prompt) -> int | None:
+        return await self.engine.next_token(prompt)
+
+    async def verify(self, prompt, draft):
+        return await self.engine.verify(prompt, draft)
+
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
         kind, spec = _constraint(job)
@@ -66,13 +78,19 @@ class EngineAR:
 
 class EngineDrafter:
     """``DraftService`` over a :class:`models.vllm_backend.VLLMDiffusion`; ``verifier`` (a
-    co-located :class:`models.vllm_backend.VLLMCausal`) serves the verify route."""
+    :class:`models.speculative.RoundVerifier`: a co-located :class:`models.vllm_backend.VLLMCausal`
+    or the Verifier deployment over a handle) serves the verify route."""
 
-    def __init__(self, engine, tokenizer, verifier=None, verify_width: int | None = None):
+    def __init__(self, engine, tokenizer, verifier=None, verify_width: int | None = None,
+                 verify_steps: int | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.verifier = verifier
-        self.verify_width = verify_width or engine.canvas_length
+
+        def draft_canvas(prefix, first_token, width):  # a verify round's draft, at its own step cap
+            return engine.draft_canvas(prefix, first_token, width, verify_steps)
+
+        self.rounds = (RoundSpeculation(tokenizer, draft_canvas, verifier, verify_width or engine.canvas_length)
+                       if verifier is not None else None)
 
     def _detok(self, ids) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -108,46 +126,14 @@ class EngineDrafter:
         return text_chunks(self.tokenizer, counted(), lambda out, text: TextResult(
             text, len(prompt), len(out), len(out) < job.max_tokens, {"canvases": len(canvases), "backend": "vllm"}))
 
-    def _need_verifier(self):
-        if self.verifier is None:
-            raise BadRequest("the verify route needs an AR engine beside the vLLM drafter "
-                             "(verifier.backend: vllm, verifier.source: causal)", param="route")
-        return self.verifier
-
-    async def _speculate(self, job: Job, on_tokens=None):
-        from models.verifier import MIN_TEMPERATURE
-        from models.vllm_backend import speculate
-
-        if job.temperature >= MIN_TEMPERATURE:  # sampled verification needs full distributions
-            raise BadRequest("the verify route on the vLLM backend is greedy only: send temperature 0 "
-                             "or use another route", param="temperature")
-        prompt = encode_job(self.tokenizer, job)
-        start = telemetry.now_ns()
-        r = await speculate(self._need_verifier(), self.engine.draft_canvas, prompt, job.max_tokens,
-                            self.verify_width, self._detok, on_tokens)
-        telemetry.record_speculation(job.trace, start, r)
-        return prompt, r
+    def _rounds(self) -> RoundSpeculation:
+        if self.rounds is None:
+            raise BadRequest("the verify route needs an AR verifier beside the vLLM drafter "
+                             "(verifier.source: causal)", param="route")
+        return self.rounds
 
     async def speculate(self, job: Job) -> TextResult:
-        prompt, r = await self._speculate(job)
-        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+        return await self._rounds().speculate(job)
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
-        """One chunk per verification round, sent as the round is accepted."""
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-        task = asyncio.ensure_future(self._speculate(job, on_tokens=queue.put_nowait))
-        task.add_done_callback(lambda _: queue.put_nowait(done))
-
-        async def rounds():
-            try:
-                while (ids := await queue.get()) is not done:
-                    yield ids
-            finally:
-                task.cancel()
-
-        def finish(out, text):
-            prompt, r = task.result()
-            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
-
-        return text_chunks(self.tokenizer, rounds(), finish)
+        return self._rounds().speculate_stream(job)

@@ -159,14 +159,82 @@ def speculative_stats(r) -> dict:
     }
 
 
-class LocalDrafter:
-    """``DraftService`` over a :class:`models.drafter.DiffusionDrafter`; ``speculative`` (a
-    :class:`models.speculative.SpeculativeDecoder` over the same drafter) serves the verify route."""
+class RoundSpeculation:
+    """The verify route as rounds between two services that share no process or cache:
+    ``draft_canvas`` (async, see :data:`models.speculative.DraftCanvas`: a vLLM drafter engine, or a
+    :class:`models.drafter.DiffusionDrafter` in a worker thread) and ``verifier`` (a
+    :class:`models.speculative.RoundVerifier`: a co-located vLLM engine, or the Verifier deployment
+    over a handle). Greedy only: sampled verification redraws from the verifier's whole
+    distribution at each draft position, which neither returns."""
 
-    def __init__(self, drafter, speculative=None, grammar=None):
+    def __init__(self, tokenizer, draft_canvas, verifier, width: int):
+        self.tokenizer = tokenizer
+        self.draft_canvas = draft_canvas
+        self.verifier = verifier
+        self.width = width
+
+    def _detok(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    async def _run(self, job: Job, on_tokens=None):
+        from models.speculative import speculate_rounds
+        from models.verifier import MIN_TEMPERATURE
+
+        if job.temperature >= MIN_TEMPERATURE:
+            raise BadRequest("the verify route is greedy only when drafter and verifier run apart: send "
+                             "temperature 0 or use another route", param="temperature")
+        prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
+        r = await speculate_rounds(self.verifier, self.draft_canvas, prompt, job.max_tokens, self.width,
+                                   self._detok, on_tokens)
+        telemetry.record_speculation(job.trace, start, r)
+        return prompt, r
+
+    async def speculate(self, job: Job) -> TextResult:
+        prompt, r = await self._run(job)
+        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
+    def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per verification round, sent as the round is accepted."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        task = asyncio.ensure_future(self._run(job, on_tokens=queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(done))
+
+        async def rounds():
+            try:
+                while (ids := await queue.get()) is not done:
+                    yield ids
+            finally:
+                task.cancel()
+
+        def finish(out, text):
+            prompt, r = task.result()
+            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+
+        return text_chunks(self.tokenizer, rounds(), finish)
+
+
+def threaded_draft_canvas(drafter, settings=None):
+    """A :class:`models.drafter.DiffusionDrafter`'s ``draft_canvas`` as the async callable
+    :class:`RoundSpeculation` takes (the denoising runs in a worker thread)."""
+
+    async def draft_canvas(prefix, first_token, width):
+        return await asyncio.to_thread(drafter.draft_canvas, list(prefix), first_token, width, 0, settings)
+
+    return draft_canvas
+
+
+class LocalDrafter:
+    """``DraftService`` over a :class:`models.drafter.DiffusionDrafter`. The verify route is served
+    by ``speculative`` (a :class:`models.speculative.SpeculativeDecoder`: verifier in this process,
+    sharing the drafter's cache) or by ``rounds`` (a :class:`RoundSpeculation`: verifier elsewhere)."""
+
+    def __init__(self, drafter, speculative=None, grammar=None, rounds: RoundSpeculation | None = None):
         self.drafter = drafter
         self.tokenizer = drafter.tokenizer
         self.speculative = speculative
+        self.rounds = rounds
         self.grammar = grammar  # canvas-aware drafting for constrained jobs when set
 
     def _hook(self, job: Job):
@@ -187,9 +255,13 @@ class LocalDrafter:
         return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
 
     async def speculate(self, job: Job) -> TextResult:
+        if self.rounds is not None:
+            return await self.rounds.speculate(job)
         return await asyncio.to_thread(self.speculate_sync, job)
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        if self.rounds is not None:
+            return self.rounds.speculate_stream(job)
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
 
@@ -290,6 +362,20 @@ class LocalAR:
 
     async def generate(self, job: Job) -> TextResult:
         return await asyncio.to_thread(self.generate_sync, job)
+
+    # -- what a drafter elsewhere calls per verify round (models.speculative.RoundVerifier) -------
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.verifier.eos_ids
+
+    async def next_token(self, prompt: Sequence[int]) -> int | None:
+        return (await self.verify(prompt, [])).correction
+
+    async def verify(self, prompt: Sequence[int], draft: Sequence[int]):
+        from models.speculative import Verification
+
+        accepted, nxt = await asyncio.to_thread(self.verifier.verify, list(prompt), list(draft))
+        return Verification(accepted, nxt)
 
     def _token_iter(self, job: Job, prompt: list[int]) -> Iterator[int]:
         return self.verifier.stream(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature,

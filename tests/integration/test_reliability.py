@@ -34,7 +34,8 @@ def guarded(app_url, tmp_path_factory):
     ar_dir = export(DEFAULT_CHECKPOINT, tmp_path_factory.mktemp("ar") / "dg-tiny-ar")
     small = {"num_cpus": 0.3, "max_ongoing_requests": 4, "max_queued_requests": 4}
     args = {
-        "drafter": {"device": "cpu", "dtype": "float32", "max_batch_size": 4, "replica": small},
+        "drafter": {"device": "cpu", "dtype": "float32", "max_batch_size": 4, "replica": small,
+                    "verify_with": "verifier"},
         "verifier": {"source": "causal", "checkpoint": str(ar_dir), "device": "cpu", "dtype": "float32",
                      "replica": {**small, "max_ongoing_requests": 8, "max_queued_requests": 8}},
         "router": {"drafter_cooldown_s": 3},
@@ -111,6 +112,23 @@ def test_every_endpoint_but_health_needs_the_key(guarded, method, path, body):
     r = requests.request(method, guarded + path, json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     assert requests.get(guarded + "/health", timeout=10).status_code == 200
+
+
+def test_verify_rounds_are_verified_by_the_verifier_deployment(guarded):
+    """``drafter.verify_with: verifier``: the Drafter replica drafts each canvas and the Verifier
+    deployment (the causal checkpoint, over a Ray handle) verifies it, so the answer is the Verifier's
+    own greedy answer, token for token (what route ``ar`` returns here)."""
+    for i in range(3):
+        ar, _ = post(guarded, prose(i, route="ar", temperature=0))
+        ver, _ = post(guarded, prose(i, route="verify", temperature=0))
+        assert ar.status_code == ver.status_code == 200, (ar.text, ver.text)
+        body = ver.json()
+        assert body["route"]["path"] == "verify" and ar.json()["route"]["path"] == "ar"
+        assert body["choices"][0]["message"]["content"] == ar.json()["choices"][0]["message"]["content"]
+        assert body["usage"]["completion_tokens"] == ar.json()["usage"]["completion_tokens"]
+        assert body["stats"]["verifier_forwards"] == body["stats"]["drafts"] + 1
+    sampled, _ = post(guarded, prose(0, route="verify", temperature=0.8))
+    assert sampled.status_code == 400 and "greedy only" in sampled.json()["error"]["message"]
 
 
 # -- hostile input -------------------------------------------------------------------------------------

@@ -38,9 +38,16 @@ def test_vllm_backends_are_checked_at_deploy_time():
         AppArgs.model_validate({"drafter": {"backend": "vllm"}})
     with pytest.raises(ValidationError, match="checkpoint"):
         AppArgs.model_validate({"verifier": {"source": "causal", "backend": "vllm"}})
-    with pytest.raises(ValidationError, match="colocate_verifier"):
-        AppArgs.model_validate({"drafter": {"backend": "vllm", "colocate_verifier": True},
+    with pytest.raises(ValidationError, match="verifier.backend: vllm"):  # a co-located AR engine
+        AppArgs.model_validate({"drafter": {"backend": "vllm", "verify_with": "local"},
                                 "verifier": {"source": "causal", "checkpoint": "/m/ar"}})
+    with pytest.raises(ValidationError, match="Verifier deployment"):
+        AppArgs.model_validate({"drafter": {"verify_with": "verifier"}})
+    causal = {"source": "causal", "checkpoint": "/m/ar"}
+    assert AppArgs.model_validate({}).verify_mode() == "local"
+    assert AppArgs.model_validate({"verifier": causal}).verify_mode() == "local"
+    assert AppArgs.model_validate({"drafter": {"backend": "vllm"}, "verifier": causal}).verify_mode() == "verifier"
+    assert AppArgs.model_validate({"drafter": {"verify_with": "verifier"}, "verifier": causal}).verify_mode() == "verifier"
     args = AppArgs.model_validate({
         "drafter": {"backend": "vllm", "checkpoint": "/m/dg", "dtype": "bfloat16",
                     "vllm": {"max_num_seqs": 4, "attention_backend": "TRITON_ATTN", "canvas_length": 256,

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from models.vllm_backend import Verification, speculate
+from models.speculative import Verification, speculate_rounds as speculate
 from pipeline.engines import EngineDrafter
 from pipeline.errors import BadRequest
 from pipeline.interfaces import Job
@@ -52,13 +52,13 @@ class StandInDrafter:
     def __init__(self, good: int):
         self.good = good
 
-    async def draft_canvas(self, prefix, first, width):
+    async def draft_canvas(self, prefix, first, width, max_steps=None):
         seq, out = list(prefix), []
         for i in range(width):
             tok = greedy(seq) if i < self.good else 3
             out.append(tok)
             seq.append(tok)
-        return out
+        return out, None
 
 
 class Tok:

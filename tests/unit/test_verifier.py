@@ -113,6 +113,39 @@ def test_speculative_with_a_separate_causal_verifier_equals_its_greedy(drafter, 
         assert out.verifier_forwards == out.drafts + 1
 
 
+def test_rounds_against_a_verifier_in_another_service_equal_its_greedy(drafter, tmp_path):
+    """The verify route when the verifier is the Verifier deployment: ``draft_canvas`` (prefix
+    encoded afresh per round) + the verifier service's ``next_token``/``verify`` (``LocalAR`` over a
+    separate causal checkpoint, what the deployment wraps), over ``RoundSpeculation``."""
+    import asyncio
+
+    from models.export_ar import export
+    from models.loading import DEFAULT_CHECKPOINT
+    from models.verifier import ARVerifier
+    from pipeline.errors import BadRequest
+    from pipeline.interfaces import Job
+    from pipeline.local import LocalAR, RoundSpeculation, threaded_draft_canvas
+
+    other = ARVerifier.from_pretrained(export(DEFAULT_CHECKPOINT, tmp_path / "ar"), source="causal", device="cpu")
+    rounds = RoundSpeculation(drafter.tokenizer, threaded_draft_canvas(drafter), LocalAR(other), drafter.canvas_length)
+    for ex in EXAMPLES[:4]:
+        job = Job(messages=(("user", ex.instruction),), prompt=None, max_tokens=48)
+        want = other.generate([encode_prompt(drafter.tokenizer, ex.instruction)], 48)[0]
+        got = asyncio.run(rounds.speculate(job))
+        assert got.text == want.text and got.completion_tokens == len(want.token_ids)
+        assert got.finished == want.finished
+        st = got.stats
+        assert st["verifier_forwards"] == st["drafts"] + 1 and st["denoising_steps"] >= st["drafts"]
+
+    async def chunks():
+        return [c async for c in rounds.speculate_stream(job)]
+
+    streamed = asyncio.run(chunks())
+    assert "".join(c.text for c in streamed) == want.text == streamed[-1].result.text
+    with pytest.raises(BadRequest, match="greedy only"):
+        asyncio.run(rounds.speculate(Job(messages=job.messages, prompt=None, max_tokens=8, temperature=0.5)))
+
+
 def test_speculative_same_weights_shares_one_cache(drafter, verifier):
     from models.speculative import SpeculativeDecoder
 

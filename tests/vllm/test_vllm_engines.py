@@ -91,18 +91,22 @@ def test_greedy_generation_and_stream_match_transformers(loop, engine, reference
 def test_verify_matches_transformers_accepted_prefix_and_correction(loop, engine, reference, prompts):
     for i, p in enumerate(prompts):
         greedy = list(reference.generate([p], max_new_tokens=24, temperature=0.0)[0].token_ids)
-        for cut in (0, 5, len(greedy) - 1):
+        assert greedy, "every prompt needs a non-empty greedy answer"
+        for cut in sorted({0, min(5, len(greedy) - 1), len(greedy) - 1}):
             draft = greedy[:cut] + [(greedy[cut] + 1 + i) % 1000] + greedy[cut + 1:]
             want = reference.verify(p, draft)
             got = loop.run_until_complete(engine.verify(p, draft))
             assert (got.accepted, got.correction) == want, (cut, got, want)
-        assert loop.run_until_complete(engine.verify(p, greedy[:10])).accepted == 10
+        head = greedy[:10]  # the greedy answer itself (or its first 10 tokens): accepted whole
+        got = loop.run_until_complete(engine.verify(p, head))
+        assert got.accepted == len(head), (got, len(greedy))
+        assert (got.accepted, got.correction) == reference.verify(p, head)
 
 
 def test_speculative_loop_over_vllm_verifier_is_lossless(loop, engine, reference, prompts):
     """A drafter right for its first 3 tokens of each canvas, then wrong: the output is still
     exactly the verifier's greedy answer."""
-    from models.vllm_backend import speculate
+    from models.speculative import speculate_rounds
 
     for p in prompts[:3]:
         want = reference.generate([p], max_new_tokens=40, temperature=0.0)[0]
@@ -110,9 +114,9 @@ def test_speculative_loop_over_vllm_verifier_is_lossless(loop, engine, reference
         async def draft_canvas(prefix, first, width, p=p, want=want):
             k = len(prefix) - len(p)
             good = list(want.token_ids[k:k + 3]) or [first]
-            return good + [7] * (width - len(good))
+            return good + [7] * (width - len(good)), None
 
-        r = loop.run_until_complete(speculate(engine, draft_canvas, p, 40, 8, detok(reference)))
+        r = loop.run_until_complete(speculate_rounds(engine, draft_canvas, p, 40, 8, detok(reference)))
         assert r.token_ids == tuple(want.token_ids)
         assert r.finished == want.finished
         assert max(r.accepted) == 3 and r.drafts < len(want.token_ids)
