@@ -79,7 +79,8 @@ def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float = 0.5,
-                  eps: float = 1e-3, diffusion_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                  eps: float = 1e-3, diffusion_weight: float = 1.0,
+                  noise_draws: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
     from transformers import DynamicCache
 
     cfg = model.config
@@ -97,35 +98,39 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
     ar_logits = softcapped_logits(model, enc.last_hidden_state)
     ar_loss = F.cross_entropy(ar_logits.reshape(-1, vocab), batch.ar_labels.reshape(-1), ignore_index=-100)
 
-    t = torch.rand(bsz, 1, generator=gen) * (1 - eps) + eps
-    noise = torch.rand(bsz, canvas, generator=gen) < t
-    random_tokens = torch.randint(0, vocab, (bsz, canvas), generator=gen)
-    noised = torch.where(noise, random_tokens, batch.canvas_target)
-
     positions = torch.arange(width).unsqueeze(0)
     visible = (positions < batch.context_len[:, None]) & batch.encoder_mask
     dec_mask = torch.cat([visible, torch.ones(bsz, canvas, dtype=torch.bool)], dim=1)
     dec_pos = batch.context_len[:, None] + torch.arange(canvas).unsqueeze(0)
 
-    def decode(sc_logits, sc_mask):
+    def decode(noised, sc_logits):
         out = model.model.decoder(
             decoder_input_ids=noised,
             cache=cache,
             self_conditioning_logits=sc_logits,
-            self_conditioning_mask=sc_mask,
+            self_conditioning_mask=None,
             decoder_attention_mask=dec_mask,
             decoder_position_ids=dec_pos,
         )
         return softcapped_logits(model, out.last_hidden_state)
 
-    # Self-conditioning on a fraction of the batches (not rows), so the extra no-grad decoder
-    # pass is paid only where it is used.
-    sc_logits = None
-    if torch.rand(1, generator=gen).item() < self_cond_p:
-        with torch.no_grad():
-            sc_logits = decode(None, None).detach()
-    logits = decode(sc_logits, None)
-    diff_loss = F.cross_entropy(logits.reshape(-1, vocab), batch.canvas_target.reshape(-1))
+    # ``noise_draws`` noise levels per example share one encoder pass (the decoder only reads its
+    # cache), so each extra draw costs a decoder pass, not an example.
+    diff_loss = torch.zeros(())
+    for _ in range(noise_draws):
+        t = torch.rand(bsz, 1, generator=gen) * (1 - eps) + eps
+        noise = torch.rand(bsz, canvas, generator=gen) < t
+        random_tokens = torch.randint(0, vocab, (bsz, canvas), generator=gen)
+        noised = torch.where(noise, random_tokens, batch.canvas_target)
+        # Self-conditioning on a fraction of the batches (not rows), so the extra no-grad decoder
+        # pass is paid only where it is used.
+        sc_logits = None
+        if torch.rand(1, generator=gen).item() < self_cond_p:
+            with torch.no_grad():
+                sc_logits = decode(noised, None).detach()
+        logits = decode(noised, sc_logits)
+        diff_loss = diff_loss + F.cross_entropy(logits.reshape(-1, vocab), batch.canvas_target.reshape(-1))
+    diff_loss = diff_loss / noise_draws
     loss = diffusion_weight * diff_loss + ar_loss
     return loss, {"diffusion": diff_loss.item(), "ar": ar_loss.item()}
 
@@ -169,7 +174,7 @@ def batches(tokenizer, batch_size: int, seed: int, bucket: int = 1):
 def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: float, seed: int,
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
           log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
-          implementation: str = "eager") -> tuple[object, object, list[float]]:
+          implementation: str = "eager", noise_draws: int = 1) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
     ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
@@ -206,7 +211,7 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
         batch = make_batch(tokenizer, exs, spec.canvas_length, rng)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss, parts = loss_on_batch(model, batch, gen, diffusion_weight=diffusion_weight)
+        loss, parts = loss_on_batch(model, batch, gen, diffusion_weight=diffusion_weight, noise_draws=noise_draws)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--diffusion-weight", type=float, default=1.0, help="weight of the diffusion loss (AR: 1)")
     p.add_argument("--bucket", type=int, default=16,
                    help="sort this many batches' worth of examples by length before batching (1: off)")
+    p.add_argument("--noise-draws", type=int, default=1,
+                   help="noise levels drawn per example for the decoder (one shared encoder pass)")
     p.add_argument("--implementation", choices=("sdpa", "eager"), default="eager",
                    help="attention/experts implementation while training")
     a = p.parse_args(argv)
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = replace(spec, canvas_length=a.canvas_length)
     _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes,
                          diffusion_weight=a.diffusion_weight, bucket=a.bucket,
-                         implementation=a.implementation)
+                         implementation=a.implementation, noise_draws=a.noise_draws)
     print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
 
 
