@@ -22,7 +22,7 @@ from typing import AsyncIterator
 from . import telemetry
 from .errors import BadRequest
 from .interfaces import Job, TextChunk, TextResult
-from .local import RoundSpeculation, encode_job, text_chunks
+from .local import RoundSpeculation, detokenizer, encode_job, text_chunks
 
 
 def _constraint(job: Job) -> tuple[str | None, object]:
@@ -36,9 +36,7 @@ class EngineAR:
     def __init__(self, engine, tokenizer):
         self.engine = engine
         self.tokenizer = tokenizer
-
-    def _detok(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        self._detok = detokenizer(tokenizer)
 
     async def generate(self, job: Job) -> TextResult:
         with telemetry.span("ar.generate", job.trace, attrs={"dgserve.backend": "vllm"}) as sp:
@@ -85,15 +83,13 @@ class EngineDrafter:
                  verify_steps: int | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
+        self._detok = detokenizer(tokenizer)
 
         def draft_canvas(prefix, first_token, width):  # a verify round's draft, at its own step cap
             return engine.draft_canvas(prefix, first_token, width, verify_steps)
 
         self.rounds = (RoundSpeculation(tokenizer, draft_canvas, verifier, verify_width or engine.canvas_length)
                        if verifier is not None else None)
-
-    def _detok(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _stats(self, r) -> dict:
         canvases = max(1, math.ceil((len(r.token_ids) + r.finished) / self.engine.canvas_length))

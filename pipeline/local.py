@@ -147,8 +147,9 @@ def draft_stats(d) -> dict:
     }
 
 
-def speculative_stats(r) -> dict:
-    return {
+def speculative_result(prompt: Sequence[int], r) -> TextResult:
+    """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`)."""
+    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, {
         "drafts": r.drafts,
         "mean_accepted": round(r.mean_accepted, 3),
         "accepted": list(r.accepted),
@@ -156,7 +157,12 @@ def speculative_stats(r) -> dict:
         "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
         "denoising_steps": r.denoising_steps,
         "verify_s": round(r.total_s, 4),
-    }
+    })
+
+
+def detokenizer(tokenizer) -> Callable[[Sequence[int]], str]:
+    """Token ids -> text, special tokens dropped (what the engines' results carry)."""
+    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 class RoundSpeculation:
@@ -172,9 +178,7 @@ class RoundSpeculation:
         self.draft_canvas = draft_canvas
         self.verifier = verifier
         self.width = width
-
-    def _detok(self, ids) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        self._detok = detokenizer(tokenizer)
 
     async def _run(self, job: Job, on_tokens=None):
         from models.speculative import speculate_rounds
@@ -192,7 +196,7 @@ class RoundSpeculation:
 
     async def speculate(self, job: Job) -> TextResult:
         prompt, r = await self._run(job)
-        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+        return speculative_result(prompt, r)
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         """One chunk per verification round, sent as the round is accepted."""
@@ -210,7 +214,7 @@ class RoundSpeculation:
 
         def finish(out, text):
             prompt, r = task.result()
-            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+            return speculative_result(prompt, r)
 
         return text_chunks(self.tokenizer, rounds(), finish)
 
@@ -252,7 +256,7 @@ class LocalDrafter:
         start = telemetry.now_ns()
         r = self._spec().generate(prompt, job.max_tokens, seed=job.seed, temperature=job.temperature)
         telemetry.record_speculation(job.trace, start, r)
-        return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+        return speculative_result(prompt, r)
 
     async def speculate(self, job: Job) -> TextResult:
         if self.rounds is not None:
@@ -267,7 +271,7 @@ class LocalDrafter:
 
         def finish(r, ids):
             telemetry.record_speculation(job.trace, start, r)
-            return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, speculative_stats(r))
+            return speculative_result(prompt, r)
 
         return _stream_in_thread(
             self.tokenizer,
