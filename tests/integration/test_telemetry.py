@@ -193,6 +193,10 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
         {"max_tokens": 96, "route": "diffusion", "messages": [{"role": "user", "content": "Solve " + PUZZLE}],
          "response_format": {"type": "sudoku", "sudoku": {"puzzle": PUZZLE}}},
     ]
+    # The cluster is shared with the other integration tests (some kill replicas, whose series Ray then
+    # reports inconsistently), so the histogram means below are taken over this test's requests:
+    # the difference of a scrape before them and one after.
+    before = requests.get(metrics_url, timeout=5).text
     statuses = [requests.post(app_url + "/v1/chat/completions", json={"model": MODEL, **b}, timeout=120).status_code
                 for b in bodies]
     assert statuses == [200, 200, 200, 422]
@@ -201,12 +205,23 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
               "dgserve_denoising_steps_per_canvas_bucket", "dgserve_tokens_per_forward_bucket",
               "dgserve_accepted_draft_length_bucket", "dgserve_time_to_first_chunk_seconds_bucket",
               "dgserve_verify_drafts_per_request_bucket", "dgserve_verifier_forwards_per_token_bucket"}
-    text = _scrape(metrics_url, wanted)
+    hists = ["dgserve_denoising_steps_per_canvas", "dgserve_tokens_per_forward", "dgserve_accepted_draft_length",
+             "dgserve_time_to_first_chunk_seconds", "dgserve_verify_drafts_per_request",
+             "dgserve_verifier_forwards_per_token", "dgserve_request_duration_seconds"]
+
+    def total(name, _text=None, **labels):
+        return sum(v for lab, v in _samples(text if _text is None else _text, name)
+                   if all(lab.get(k) == w for k, w in labels.items()))
+
+    deadline = time.monotonic() + 40
+    while True:  # until every histogram shows this test's observations (Ray exports periodically)
+        text = _scrape(metrics_url, wanted)
+        fresh = all(total(h + "_count") > total(h + "_count", before) for h in hists)
+        if fresh or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     missing = [n for n in wanted if not _samples(text, n)]
     assert not missing, missing
-
-    def total(name, **labels):
-        return sum(v for lab, v in _samples(text, name) if all(lab.get(k) == w for k, w in labels.items()))
 
     assert total("dgserve_requests_total", route="verify", status="200") >= 1
     assert total("dgserve_requests_total", route="diffusion", status="422") >= 1
@@ -220,6 +235,7 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
                          ("dgserve_accepted_draft_length", 1, 64), ("dgserve_time_to_first_chunk_seconds", 0, 60),
                          ("dgserve_verify_drafts_per_request", 1, 64), ("dgserve_verifier_forwards_per_token", 0.01, 1.5),
                          ("dgserve_request_duration_seconds", 0.001, 120)]:
-        count, s = total(name + "_count"), total(name + "_sum")
+        count = total(name + "_count") - total(name + "_count", before)
+        s = total(name + "_sum") - total(name + "_sum", before)
         assert count >= 1, name
         assert lo <= s / count <= hi, (name, s, count)

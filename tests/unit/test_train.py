@@ -10,3 +10,58 @@ def test_trainer_smoke_loss_goes_down(tmp_path):
     assert (tmp_path / "ckpt" / "generation_config.json").exists()
     assert (tmp_path / "ckpt" / "tokenizer.json").exists()
     assert model.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_clean_prefix_keeps_a_prefix_and_maybe_the_padding_clean():
+    import torch
+
+    from models.tokenizer import EOS_ID, PAD_ID
+    from models.train import clean_prefix
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (256,), generator=gen)
+    target = torch.full((256, 48), PAD_ID)
+    for i, n in enumerate(lengths.tolist()):
+        target[i, : n - 1] = torch.randint(5, 100, (n - 1,), generator=gen)
+        target[i, n - 1] = EOS_ID
+    assert not clean_prefix(target, 0.0, gen).any()
+    clean = clean_prefix(target, 0.5, gen)
+    prefixes, tails = 0, 0
+    for row, n in zip(clean, lengths.tolist()):
+        answer, padding = row[:n], row[n:]
+        cut = int(answer.long().argmin()) if not answer.all() else n
+        assert not answer[cut:].any()  # the clean part of the answer is a prefix
+        assert padding.all() or not padding.any()  # the padding is clean whole or not at all
+        prefixes += cut > 0
+        tails += bool(padding.all()) and len(padding) > 0
+    # about half of the rows get a prefix (cut 0 included), a quarter also their padding
+    assert 60 < prefixes < 140 and 30 < tails < 100
+
+
+def test_ar_loss_on_answer_positions_equals_the_full_head_loss():
+    import random
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
+
+    from models import tasks
+    from models.architecture import build_config
+    from models.tokenizer import train_tokenizer
+    from models.train import loss_on_batch, make_batch, softcapped_logits
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(tasks.corpus_lines(500, 0), MICRO.vocab_size)
+    model = DiffusionGemmaForBlockDiffusion(build_config(MICRO)).eval()
+    batch = make_batch(tok, [tasks.example("train", 0, i) for i in range(4)], MICRO.canvas_length, random.Random(0))
+    # self_cond_p 0 and weight 0: the loss is the AR loss alone
+    loss, parts = loss_on_batch(model, batch, torch.Generator().manual_seed(0), self_cond_p=0.0, diffusion_weight=0.0)
+    cfg = model.config
+    enc = model.model.encoder.language_model(
+        input_ids=batch.encoder_ids, attention_mask=batch.encoder_mask.long(),
+        position_ids=torch.arange(batch.encoder_ids.shape[1]).unsqueeze(0).expand(4, -1),
+        cache=DynamicCache(config=cfg.get_text_config(decoder=True)))
+    logits = softcapped_logits(model, enc.last_hidden_state)
+    full = F.cross_entropy(logits.reshape(-1, cfg.text_config.vocab_size), batch.ar_labels.reshape(-1), ignore_index=-100)
+    assert abs(parts["ar"] - full.item()) < 1e-5
+    assert abs(loss.item() - full.item()) < 1e-5
