@@ -160,7 +160,9 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
     return loss, {"diffusion": diff_loss.item(), "ar": ar_loss.item()}
 
 
-def default_generation_config(max_new_tokens: int = 256):
+def default_generation_config(max_new_tokens: int = 256, confidence_threshold: float = 0.05):
+    """The checkpoint's sampler operating point (README: the sampler sweep). ``confidence_threshold``:
+    mean canvas entropy (nats) under which a stable canvas stops."""
     from transformers import DiffusionGemmaGenerationConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
@@ -171,7 +173,7 @@ def default_generation_config(max_new_tokens: int = 256):
         t_min=0.4,
         t_max=0.8,
         stability_threshold=1,
-        confidence_threshold=0.005,
+        confidence_threshold=confidence_threshold,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         bos_token_id=2,
@@ -200,7 +202,8 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
           log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
           implementation: str = "eager", noise_draws: int = 1,
-          prefix_p: float = 0.0, noise_power: float = 1.0) -> tuple[object, object, list[float]]:
+          prefix_p: float = 0.0, noise_power: float = 1.0,
+          confidence_threshold: float = 0.05) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
     ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
@@ -249,7 +252,7 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
         if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
             break
     model.eval()
-    model.generation_config = default_generation_config()
+    model.generation_config = default_generation_config(confidence_threshold=confidence_threshold)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
@@ -277,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of rows whose canvas keeps a clean prefix of random length")
     p.add_argument("--noise-power", type=float, default=1.0,
                    help="noise level t = u ** (1 / k), u ~ U(0, 1): k > 1 trains more on heavy noise (mean k / (k + 1))")
+    p.add_argument("--confidence-threshold", type=float, default=0.05,
+                   help="the saved generation_config's stopping threshold (sampler operating point)")
     p.add_argument("--implementation", choices=("sdpa", "eager"), default="eager",
                    help="attention/experts implementation while training")
     a = p.parse_args(argv)
@@ -289,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     _, _, losses = train(a.out, spec, a.steps, a.batch_size, a.lr, a.seed, max_minutes=a.max_minutes,
                          diffusion_weight=a.diffusion_weight, bucket=a.bucket,
                          implementation=a.implementation, noise_draws=a.noise_draws,
-                         prefix_p=a.prefix_noise, noise_power=a.noise_power)
+                         prefix_p=a.prefix_noise, noise_power=a.noise_power,
+                         confidence_threshold=a.confidence_threshold)
     print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
 
 

@@ -65,3 +65,23 @@ def test_ar_loss_on_answer_positions_equals_the_full_head_loss():
     full = F.cross_entropy(logits.reshape(-1, cfg.text_config.vocab_size), batch.ar_labels.reshape(-1), ignore_index=-100)
     assert abs(parts["ar"] - full.item()) < 1e-5
     assert abs(loss.item() - full.item()) < 1e-5
+
+
+def test_committed_generation_config_is_what_the_trainer_writes():
+    """The README's training command reproduces the committed sampler operating point, and the
+    drafter runs at it."""
+    import json
+    from pathlib import Path
+
+    from models.drafter import DraftSettings
+    from models.train import default_generation_config
+
+    path = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "dg-tiny" / "generation_config.json"
+    committed = json.loads(path.read_text())
+    written = json.loads(default_generation_config().to_json_string(use_diff=True))  # what save_pretrained writes
+    for d in (committed, written):
+        d.pop("transformers_version", None)
+    assert committed == written
+    settings = DraftSettings.from_generation_config(default_generation_config())
+    assert settings.confidence_threshold == committed["confidence_threshold"] == 0.05
+    assert settings.max_steps == committed["max_denoising_steps"]
