@@ -71,13 +71,12 @@ def test_committed_generation_config_is_what_the_trainer_writes():
     """The README's training command reproduces the committed sampler operating point, and the
     drafter runs at it."""
     import json
-    from pathlib import Path
 
     from models.drafter import DraftSettings
+    from models.loading import DEFAULT_CHECKPOINT
     from models.train import default_generation_config
 
-    path = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "dg-tiny" / "generation_config.json"
-    committed = json.loads(path.read_text())
+    committed = json.loads((DEFAULT_CHECKPOINT / "generation_config.json").read_text())
     written = json.loads(default_generation_config().to_json_string(use_diff=True))  # what save_pretrained writes
     for d in (committed, written):
         d.pop("transformers_version", None)
