@@ -160,9 +160,13 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
     return loss, {"diffusion": diff_loss.item(), "ar": ar_loss.item()}
 
 
-def default_generation_config(max_new_tokens: int = 256, confidence_threshold: float = 0.05):
-    """The checkpoint's sampler operating point (README: the sampler sweep). ``confidence_threshold``:
-    mean canvas entropy (nats) under which a stable canvas stops."""
+# The committed checkpoint's stopping threshold: mean canvas entropy (nats) under which a stable canvas
+# stops (README: the operating-point table).
+CONFIDENCE_THRESHOLD = 0.05
+
+
+def default_generation_config(max_new_tokens: int = 256, confidence_threshold: float = CONFIDENCE_THRESHOLD):
+    """The checkpoint's sampler operating point (README: the sampler sweep)."""
     from transformers import DiffusionGemmaGenerationConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
@@ -203,7 +207,7 @@ def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: flo
           log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
           implementation: str = "eager", noise_draws: int = 1,
           prefix_p: float = 0.0, noise_power: float = 1.0,
-          confidence_threshold: float = 0.05) -> tuple[object, object, list[float]]:
+          confidence_threshold: float = CONFIDENCE_THRESHOLD) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
     ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of rows whose canvas keeps a clean prefix of random length")
     p.add_argument("--noise-power", type=float, default=1.0,
                    help="noise level t = u ** (1 / k), u ~ U(0, 1): k > 1 trains more on heavy noise (mean k / (k + 1))")
-    p.add_argument("--confidence-threshold", type=float, default=0.05,
+    p.add_argument("--confidence-threshold", type=float, default=CONFIDENCE_THRESHOLD,
                    help="the saved generation_config's stopping threshold (sampler operating point)")
     p.add_argument("--implementation", choices=("sdpa", "eager"), default="eager",
                    help="attention/experts implementation while training")
