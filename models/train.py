@@ -16,7 +16,7 @@ Objective per example (transformers ships no DiffusionGemma loss):
 * causal loss: next-token cross-entropy of the encoder (through the tied, softcapped head) on the
   answer, so the same weights also decode autoregressively.
 
-Run: ``python -m models.train --out models/checkpoints/dg-tiny`` (see README for the exact command).
+Run: ``python -m models.train --out models/checkpoints/dg-tiny`` (docs/tiny-checkpoint.md has the exact command).
 """
 
 from __future__ import annotations
@@ -161,12 +161,12 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
 
 
 # The committed checkpoint's stopping threshold: mean canvas entropy (nats) under which a stable canvas
-# stops (README: the operating-point table).
+# stops (docs/tiny-checkpoint.md: the operating-point table).
 CONFIDENCE_THRESHOLD = 0.05
 
 
 def default_generation_config(max_new_tokens: int = 256, confidence_threshold: float = CONFIDENCE_THRESHOLD):
-    """The checkpoint's sampler operating point (README: the sampler sweep)."""
+    """The checkpoint's sampler operating point (docs/tiny-checkpoint.md: the sampler sweep)."""
     from transformers import DiffusionGemmaGenerationConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 

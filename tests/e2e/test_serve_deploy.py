@@ -24,6 +24,10 @@ def cli(name: str) -> str:
 def ray_head():
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run([cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+    # as the README says: a machine that never ran Ray has no token file; make one if it is missing
+    token = subprocess.run([cli("ray"), "get-auth-token", "--generate"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert token.returncode == 0 and token.stdout.strip(), token.stderr
     start = subprocess.run(
         [cli("ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
          "--dashboard-host", "127.0.0.1", "--disable-usage-stats"],

@@ -68,7 +68,7 @@ def test_ar_loss_on_answer_positions_equals_the_full_head_loss():
 
 
 def test_committed_generation_config_is_what_the_trainer_writes():
-    """The README's training command reproduces the committed sampler operating point, and the
+    """The documented training command (docs/tiny-checkpoint.md) reproduces the committed sampler operating point, and the
     drafter runs at it."""
     import json
 

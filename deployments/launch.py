@@ -1,0 +1,83 @@
+"""``make serve``: ``serve run <config>``, then, once ``/health`` answers, where to go next.
+
+``serve run`` starts a local Ray (which needs a token file under ``RAY_AUTH_MODE=token``: the
+Makefile makes one) and blocks; this wrapper watches the health endpoint the config names and
+prints the URL, the docs and one request to try. Ctrl-C stops the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+
+def endpoint(config: Path) -> tuple[str, str]:
+    """(base URL, model name) that ``config`` serves."""
+    doc = yaml.safe_load(config.read_text()) or {}
+    http = doc.get("http_options") or {}
+    app = (doc.get("applications") or [{}])[0]
+    prefix = (app.get("route_prefix") or "/").rstrip("/")
+    model = ((app.get("args") or {}).get("model_name")) or "dgserve-tiny"
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", model
+
+
+def banner(url: str, model: str) -> str:
+    body = json.dumps({"model": model, "max_tokens": 48,
+                       "messages": [{"role": "user", "content": "Describe Paris in a few words."}]})
+    return "\n".join([
+        "",
+        f"dgserve is up: {url}",
+        f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)",
+        f"  health      {url}/health",
+        "  try         curl -s " + f"{url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'",
+        "  stop        Ctrl-C",
+        "",
+    ])
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", nargs="?", default="serve_config.yaml")
+    ap.add_argument("--ready-timeout-s", type=float, default=600.0)
+    args = ap.parse_args(argv)
+    config = Path(args.config)
+    url, model = endpoint(config)
+    serve_cli = Path(sys.executable).with_name("serve")
+    cmd = [str(serve_cli) if serve_cli.exists() else shutil.which("serve") or "serve", "run", str(config)]
+    child = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGINT))
+    try:
+        deadline = time.monotonic() + args.ready_timeout_s
+        while child.poll() is None and time.monotonic() < deadline:
+            if healthy(url):
+                print(banner(url, model), flush=True)
+                break
+            time.sleep(1)
+        else:
+            if child.poll() is None:
+                print(f"dgserve: {url}/health did not answer within {args.ready_timeout_s:g} s", file=sys.stderr)
+        return child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        return child.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
