@@ -5,6 +5,7 @@
 """
 
 
+import asyncio
 import os
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pipeline.api import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelList
 from pipeline.errors import PipelineError
 from pipeline.gateway import Gateway, Limits, Reply, error_reply
-from pipeline.orchestrator import DrafterHealth, Pipeline, StructuredPolicy
+from pipeline.health import DrafterHealth, watch
+from pipeline.orchestrator import Pipeline, StructuredPolicy
 from pipeline.router import RouterPolicy
 from pipeline.telemetry import configure_tracing
 from pipeline.validation import default_registry, load_validator_factory
@@ -130,7 +132,10 @@ class Ingress:
         policy = RouterPolicy(args.router.drafter_queue_threshold, args.router.prose_route,
                               args.router.greedy_prose_route)
         health = DrafterHealth(args.router.drafter_failures_before_cooldown, args.router.drafter_cooldown_s)
-        pipeline = Pipeline(DraftHandle(drafter), ARHandle(ar), ValidatorHandle(validator), policy, health,
+        self.drafter = DraftHandle(drafter)
+        self.health_state = health
+        self.watcher = None  # started on the first call (it needs the replica's running event loop)
+        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), policy, health,
                             StructuredPolicy(args.structured.on_repair_failure))
         lim = args.limits
         limits = Limits(lim.max_tokens, lim.default_max_tokens, lim.max_prompt_chars, lim.max_body_bytes,
@@ -144,12 +149,19 @@ class Ingress:
                                ServeMetrics())
         http.state.gateway = self.gateway
 
+    def _watch(self) -> None:
+        """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.get_running_loop().create_task(watch(self.drafter.status, self.health_state))
+
     @http.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest), responses=_responses(ChatCompletion))
     async def chat(self, request: Request) -> Response:
+        self._watch()
         return _respond(await self.gateway.chat(await request.body(), request.headers))
 
     @http.post("/v1/completions", openapi_extra=_body(CompletionRequest), responses=_responses(Completion))
     async def completions(self, request: Request) -> Response:
+        self._watch()
         return _respond(await self.gateway.completions(await request.body(), request.headers))
 
     @http.get("/v1/models", responses={200: {"model": ModelList}, 401: {"model": ErrorResponse}})
@@ -158,6 +170,7 @@ class Ingress:
 
     @http.get("/health")
     async def health(self) -> Response:
+        self._watch()
         return _respond(self.gateway.health())
 
 

@@ -6,6 +6,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from pipeline.health import WorkStatus, WorkTracker
 from pipeline.interfaces import Constraint, Job, TextChunk, TextResult, Verdict
 from pipeline.telemetry import configure_tracing
 
@@ -50,6 +51,7 @@ class DrafterDeployment:
                  verifier_handle=None):
         configure_tracing("drafter")
         _threads(args.torch_threads)
+        self.work = WorkTracker()  # model work in flight, with deadlines (status / check_health)
         if args.backend == "vllm":
             self._init_vllm(args, verifier, verifier_handle)
         else:
@@ -93,7 +95,8 @@ class DrafterDeployment:
                                       VerifierHandle(handle, drafter.eos_ids),
                                       args.verify_draft_width or drafter.canvas_length)
             grammar = _grammar(drafter.tokenizer, drafter.model, drafter.eos_ids, structured)
-            self.local = LocalDrafter(drafter, None, grammar if structured.canvas_guidance else None, rounds)
+            self.local = LocalDrafter(drafter, None, grammar if structured.canvas_guidance else None, rounds,
+                                      work=self.work)
             self.ar = None
             return
         # In-process verification: the drafter's own weights (no second copy, one shared cache),
@@ -104,8 +107,8 @@ class DrafterDeployment:
             ar = ARVerifier.from_pretrained(verifier.checkpoint, "causal", verifier.device, verifier.dtype)
         grammar = _verifier_grammar(ar, structured)
         self.local = LocalDrafter(drafter, SpeculativeDecoder(drafter, ar, args.verify_draft_steps),
-                                  grammar if structured.canvas_guidance else None)
-        self.ar = LocalAR(ar, grammar) if verifier.source == "same" else None
+                                  grammar if structured.canvas_guidance else None, work=self.work)
+        self.ar = LocalAR(ar, grammar, work=self.work) if verifier.source == "same" else None
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _draft_batch(self, jobs: list[Job]) -> list[TextResult]:
@@ -135,6 +138,15 @@ class DrafterDeployment:
         async for chunk in self.local.speculate_stream(job):
             yield chunk
 
+    async def status(self) -> WorkStatus:
+        """Work in flight and work stuck past its deadline (the ingress' breaker polls this)."""
+        return self.work.status()
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica stuck in one step past a request's
+        deadline fails it and is replaced."""
+        self.work.check()
+
     def _ar(self):
         if self.ar is None:
             raise RuntimeError("this drafter replica does not serve AR (verifier.source is 'causal')")
@@ -151,6 +163,7 @@ class VerifierDeployment:
 
         configure_tracing("verifier")
         _threads(args.torch_threads)
+        self.work = WorkTracker()
         if args.backend == "vllm":
             from models.vllm_backend import VLLMCausal
             from pipeline.engines import EngineAR
@@ -159,7 +172,7 @@ class VerifierDeployment:
             self.ar = EngineAR(VLLMCausal.from_settings(settings), _tokenizer(settings.model))
             return
         verifier = ARVerifier.from_pretrained(args.checkpoint, "causal", args.device, args.dtype)
-        self.ar = LocalAR(verifier, _verifier_grammar(verifier, structured))
+        self.ar = LocalAR(verifier, _verifier_grammar(verifier, structured), work=self.work)
 
     async def generate(self, job: Job) -> TextResult:
         return await self.ar.generate(job)
@@ -178,6 +191,9 @@ class VerifierDeployment:
     async def verify(self, prompt: list[int], draft: list[int]):
         """One forward over ``prompt + draft``: a :class:`models.speculative.Verification`."""
         return await self.ar.verify(prompt, draft)
+
+    def check_health(self) -> None:
+        self.work.check()
 
 
 @serve.deployment(name="Validator")
@@ -225,6 +241,9 @@ class DraftHandle:
     async def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.handle.options(stream=True).speculate_stream.remote(job):
             yield chunk
+
+    async def status(self) -> WorkStatus:
+        return await self.handle.status.remote()
 
 
 class ARHandle:

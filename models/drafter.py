@@ -23,6 +23,8 @@ import torch
 from kernels import rng
 from kernels.sampler import ops, sampler_step, select_backend
 
+from .deadline import past
+
 SOFTCAP = 30.0
 
 
@@ -102,6 +104,7 @@ class Draft:
     total_s: float
     canvas_ends_s: tuple[float, ...] = ()  # seconds from the draft's start to each canvas commit
     tokens_per_canvas: tuple[int, ...] = ()  # output tokens each canvas added (<eos> excluded)
+    expired: bool = False  # stopped at its deadline (models/deadline.py): the text is cut short
 
 
 @dataclass
@@ -119,6 +122,8 @@ class DraftRow:
     done: bool = False
     first_canvas_s: float = 0.0
     total_s: float = 0.0
+    deadline: float | None = None  # time.time() after which the row stops (models/deadline.py)
+    expired: bool = False
 
 
 def softcapped(logits: torch.Tensor) -> torch.Tensor:
@@ -176,10 +181,13 @@ class DiffusionDrafter:
         hooks: Sequence[CanvasHook | None] | None = None,
         seed: int | None = None,
         on_canvas: Callable[[int, int, list[int]], None] | None = None,
+        deadlines: Sequence[float | None] | None = None,
     ) -> list[Draft]:
         """Draft continuations of token-id ``prompts`` (one batch).
 
         ``on_canvas(row, canvas_index, new_token_ids)`` is called as each canvas is committed.
+        A row past its ``deadlines`` entry leaves the batch at the next denoising step
+        (``Draft.expired``).
         """
         if not prompts:
             return []
@@ -192,7 +200,8 @@ class DiffusionDrafter:
         dev = self.device
         seed = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
         start = time.perf_counter()
-        rows = [DraftRow(len(p), b, h) for p, b, h in zip(prompts, budgets, hooks)]
+        deadlines = list(deadlines) if deadlines is not None else [None] * len(prompts)
+        rows = [DraftRow(len(p), b, h, deadline=t) for p, b, h, t in zip(prompts, budgets, hooks, deadlines)]
         canvas_len = self.canvas_length
 
         width = max(len(p) for p in prompts)
@@ -224,7 +233,7 @@ class DiffusionDrafter:
                     row.first_canvas_s = now
                 if on_canvas is not None:
                     on_canvas(r, canvas_index, new)
-                if row.finished or len(row.tokens) >= row.budget:
+                if row.finished or row.expired or len(row.tokens) >= row.budget:
                     row.done, row.total_s = True, now
             keep = [b for b, r in enumerate(active) if not rows[r].done]
             if not keep:
@@ -254,6 +263,7 @@ class DiffusionDrafter:
                 total_s=row.total_s,
                 canvas_ends_s=tuple(row.canvas_ends),
                 tokens_per_canvas=tuple(row.canvas_tokens),
+                expired=row.expired,
             ))
         return drafts
 
@@ -355,6 +365,10 @@ class DiffusionDrafter:
             new_soft = self._soft_embedding(logits, embedding)
             soft = new_soft if soft is None else torch.where(keep.unsqueeze(-1), soft, new_soft)
             done = done | (stable & confident)
+            for b, row in enumerate(rows):  # a row nobody waits for any more stops here
+                if not done[b] and past(row.deadline):
+                    row.expired = True
+                    done[b] = True
             if bool(done.all()):
                 break
         for b, row in enumerate(rows):

@@ -5,8 +5,8 @@
 * :meth:`GrammarEngine.longest_prefix`: how many tokens of a draft the grammar still accepts
   (the repair rule: AR continues under the grammar from there);
 * :class:`GrammarCanvasHook`: the grammar inside the denoising loop. Pins: the string the grammar
-  forces at the canvas start (``find_jump_forward_string``, e.g. ``{"name":"`` when ``name`` is
-  the first required key). Mask: each step, the canvas argmax is walked left to right through the
+  forces at the canvas start (:meth:`GrammarEngine.forced_text`, e.g. ``{"name":"`` when ``name``
+  is the first required key; bounded by the canvas). Mask: each step, the canvas argmax is walked left to right through the
   grammar; at the first position the grammar rejects, the logits are masked to what the grammar
   allows there (so that position is re-drawn, not accepted), and after an accepted ``<eos>`` every
   later position is masked to padding. Positions beyond the first violation stay free; the next
@@ -96,6 +96,11 @@ class GrammarEngine:
         self.digits_only = torch.zeros(vocab_size, dtype=torch.bool)  # tokens made of digits alone
         self.digits_only[: len(pieces)] = torch.tensor([p.isdigit() and p.isascii() for p in pieces])
         self.max_digit_run = max_digit_run
+        # first byte of each token's text (-1: none, e.g. a special token): what forced_text reads
+        special = set(self.info.special_token_ids)
+        first = [v[0] if v and i not in special else -1 for i, v in enumerate(self.info.decoded_vocab)]
+        self.first_byte = torch.full((vocab_size,), -1, dtype=torch.int16)
+        self.first_byte[: len(first)] = torch.tensor(first[:vocab_size], dtype=torch.int16)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
 
     @staticmethod
@@ -146,6 +151,31 @@ class GrammarEngine:
         bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
         m.fill_next_token_bitmask(bitmask)
         return unpack_bitmask(bitmask, self.vocab_size)[0]
+
+    def forced_text(self, matcher, max_bytes: int) -> str:
+        """The text the grammar forces next from ``matcher``'s state (it is not advanced), at most
+        ``max_bytes`` long: byte by byte, while every token the grammar allows starts with the same
+        byte and it may not end here. Like xgrammar's ``find_jump_forward_string``, but bounded:
+        that one never returns for a grammar whose forced text is infinite (a schema where every
+        object must hold another). Example: ``{"name": string, "age": int}``, both required ->
+        ``{"name":"``."""
+        m = matcher.fork()
+        out = bytearray()
+        while len(out) < max_bytes and not m.is_terminated():
+            allowed = self.allowed(m)
+            if allowed[self.eos_id]:
+                break
+            firsts = self.first_byte[allowed]
+            lead = int(firsts[0]) if len(firsts) else -1
+            if lead < 0 or bool((firsts != lead).any()) or not m.accept_string(bytes([lead])):
+                break
+            out.append(lead)
+        for end in range(len(out), max(-1, len(out) - 4), -1):  # no partial UTF-8 character at the end
+            try:
+                return out[:end].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        return ""
 
     def longest_prefix(self, kind: str, spec: Any, ids: Sequence[int]) -> int:
         m = self.xgr.GrammarMatcher(self.compile(kind, spec))
@@ -220,7 +250,7 @@ class GrammarCanvasHook:
         self.base = self._matcher_after(committed)
         if self.base is None:
             return {}
-        forced = self.base.find_jump_forward_string()
+        forced = self.engine.forced_text(self.base, 4 * self.canvas_length)
         if not forced:
             return {}
         ids = self.engine.tokenizer(forced, add_special_tokens=False)["input_ids"]

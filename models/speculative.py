@@ -42,6 +42,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import torch
 
+from .deadline import past
 from .drafter import DiffusionDrafter, DraftRow, DraftSettings, PinFirst
 from .verifier import MIN_TEMPERATURE, ARVerifier, DiffusionCausalLM
 
@@ -91,7 +92,8 @@ DraftCanvas = Callable[[Sequence[int], int, int], Awaitable[tuple[list[int], int
 
 async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, prompt: Sequence[int],
                            max_new_tokens: int, width: int, detok: Callable[[list[int]], str],
-                           on_tokens: Callable[[list[int]], None] | None = None) -> SpeculativeResult:
+                           on_tokens: Callable[[list[int]], None] | None = None,
+                           deadline: float | None = None) -> SpeculativeResult:
     """Greedy speculative decoding between two services: each round ``draft_canvas(prefix,
     first_token, width)`` proposes a canvas whose first token is the verifier's known next token;
     ``verifier.verify`` accepts its longest greedy-agreeing prefix and names the correction token,
@@ -104,7 +106,7 @@ async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, p
     ends: list[float] = []
     steps: list[int] = []
     forwards, finished = 1, False
-    while nxt is not None and len(out) < max_new_tokens:
+    while nxt is not None and len(out) < max_new_tokens and not past(deadline):
         if nxt in verifier.eos_ids:
             finished = True
             break
@@ -148,7 +150,7 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int = 256, seed: int | None = 0,
                  on_tokens: Callable[[list[int]], None] | None = None,
-                 temperature: float = 0.0) -> SpeculativeResult:
+                 temperature: float = 0.0, deadline: float | None = None) -> SpeculativeResult:
         """The verifier's output for ``prompt``: greedy at ``temperature == 0`` (token for token),
         else distributed as its sampling at ``temperature``; ``on_tokens`` sees each round's output."""
         if not prompt:
@@ -185,11 +187,11 @@ class SpeculativeDecoder:
         round_steps: list[int] = []
         round_ends: list[float] = []
         forwards, steps, finished = 1, 0, False
-        while True:
+        while not past(deadline):
             if nxt in self.eos_ids:
                 finished = True
                 break
-            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=PinFirst(nxt))
+            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=PinFirst(nxt), deadline=deadline)
             row.tokens = out
             ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
             canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)[0].tolist()

@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from .deadline import past
+
 SOFTCAP = 30.0
 
 # A logits processor sees the tokens generated so far and the next-token logits [vocab].
@@ -97,6 +99,7 @@ class Generation:
     finished: bool  # <eos> produced
     first_token_s: float
     total_s: float
+    expired: bool = False  # stopped at its deadline before <eos> or the budget
 
 
 class ARVerifier:
@@ -135,9 +138,10 @@ class ARVerifier:
     # -- decoding ---------------------------------------------------------------------------
     @torch.inference_mode()
     def _steps(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], temperature: float,
-               processors: Sequence[LogitsProcessor | None], seed: int | None
-               ) -> Iterator[tuple[list[int], list[int | None]]]:
-        """Yield, per decoding step, (row indices still running, their next token or None at end)."""
+               processors: Sequence[LogitsProcessor | None], seed: int | None,
+               deadline: float | None = None) -> Iterator[tuple[list[int], list[int | None]]]:
+        """Yield, per decoding step, (row indices still running, their next token or None at end).
+        Past ``deadline`` (models/deadline.py) no further step is taken."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         dev = self.device
@@ -155,7 +159,7 @@ class ARVerifier:
         cur = width
         active = list(range(len(prompts)))
         generated: list[list[int]] = [[] for _ in prompts]
-        while active:
+        while active and not past(deadline):
             nxt = []
             for b, r in enumerate(active):
                 row_logits = logits[b]
@@ -190,17 +194,19 @@ class ARVerifier:
             active = [active[b] for b in keep]
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               logits_processor: LogitsProcessor | None = None, seed: int | None = None) -> Iterator[int]:
+               logits_processor: LogitsProcessor | None = None, seed: int | None = None,
+               deadline: float | None = None) -> Iterator[int]:
         """Yield output token ids one by one (``<eos>`` is not yielded)."""
         _check_budget(max_new_tokens)
-        for _, toks in self._steps([prompt], [max_new_tokens], temperature, [logits_processor], seed):
+        for _, toks in self._steps([prompt], [max_new_tokens], temperature, [logits_processor], seed, deadline):
             if toks[0] is not None:
                 yield toks[0]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 256,
                  temperature: float = 0.0, logits_processors: Sequence[LogitsProcessor | None] | None = None,
-                 seed: int | None = None) -> list[Generation]:
-        """Batched generation (greedy at ``temperature == 0``)."""
+                 seed: int | None = None, deadline: float | None = None) -> list[Generation]:
+        """Batched generation (greedy at ``temperature == 0``); past ``deadline`` every row stops
+        where it is (``Generation.expired``)."""
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         for b in budgets:
             _check_budget(b)
@@ -210,7 +216,7 @@ class ARVerifier:
         finished = [False] * len(prompts)
         first = [0.0] * len(prompts)
         total = [0.0] * len(prompts)
-        for rows, toks in self._steps(prompts, budgets, temperature, processors, seed):
+        for rows, toks in self._steps(prompts, budgets, temperature, processors, seed, deadline):
             now = time.perf_counter() - start
             for r, tok in zip(rows, toks):
                 if not out[r] and not finished[r]:
@@ -220,8 +226,10 @@ class ARVerifier:
                 else:
                     out[r].append(tok)
                 total[r] = now
-        return [Generation(tuple(o), self.tokenizer.decode(o, skip_special_tokens=True), f, a, t)
-                for o, f, a, t in zip(out, finished, first, total)]
+        expired = past(deadline)
+        return [Generation(tuple(o), self.tokenizer.decode(o, skip_special_tokens=True), f, a, t,
+                           expired and not f and len(o) < n)
+                for o, f, a, t, n in zip(out, finished, first, total, budgets)]
 
     # -- verification -----------------------------------------------------------------------
     @torch.inference_mode()

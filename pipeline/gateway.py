@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 import weakref
@@ -79,6 +80,26 @@ def _pydantic_message(e: ValidationError) -> tuple[str, str | None]:
     first = e.errors()[0]
     loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body",))
     return f"{loc or 'body'}: {first.get('msg', 'invalid value')}", loc or None
+
+
+MAX_BODY_DEPTH = 100  # nesting of objects/arrays in a request body (a schema may nest 24 levels itself)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of objects/arrays in the JSON text ``raw``, found without parsing it (so a
+    hostile body cannot make a recursive decoder overflow its stack): strings are dropped, then the
+    running sum of opening (+1) and closing (-1) brackets peaks at the depth. Example:
+    ``b'{"a": [1, {"b": "]]"}]}'`` -> 3."""
+    import numpy as np
+
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
 
 
 def _constraint(fmt) -> Constraint | None:
@@ -218,6 +239,7 @@ class Gateway:
     def health(self) -> Reply:
         drafter = self.pipeline.drafter is not None and self.pipeline.health.healthy()
         return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
+                           "drafter_stuck_jobs": self.pipeline.health.stuck,
                            "drafts_in_flight": self.pipeline.drafts_in_flight, "requests_in_flight": self.in_flight})
 
     async def chat(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
@@ -228,6 +250,9 @@ class Gateway:
 
     # -- shared handling ------------------------------------------------------------------------
     def parse(self, raw: bytes, model_cls):
+        depth = json_depth(raw or b"")
+        if depth > MAX_BODY_DEPTH:
+            raise BadRequest(f"request body nests {depth} levels deep; the limit is {MAX_BODY_DEPTH}")
         try:
             data = json.loads(raw or b"")
         except ValueError as e:
@@ -240,7 +265,8 @@ class Gateway:
             msg, param = _pydantic_message(e)
             raise BadRequest(msg, param=param) from None
 
-    def make_job(self, req, chat: bool, trace: dict[str, str] | None = None) -> tuple[Job, RouteDecision]:
+    def make_job(self, req, chat: bool, trace: dict[str, str] | None = None,
+                 timeout_s: float | None = None) -> tuple[Job, RouteDecision]:
         if req.model != self.model_name:
             raise ModelNotFound(f"model {req.model!r} does not exist; available: [{self.model_name!r}]",
                                 param="model", code="model_not_found")
@@ -266,7 +292,8 @@ class Gateway:
                 raise BadRequest(str(e), param="response_format") from None
         job = Job(messages=messages, prompt=None if chat else req.prompt, max_tokens=limit,
                   temperature=req.temperature, seed=req.seed, constraint=constraint,
-                  request_id=uuid.uuid4().hex, trace=dict(trace or {}))
+                  request_id=uuid.uuid4().hex, trace=dict(trace or {}),
+                  deadline=None if timeout_s is None else time.time() + timeout_s)
         shape = RequestShape(structured=constraint is not None, stream=req.stream,
                              temperature=req.temperature, requested=req.route)
         return job, self.pipeline.route(shape, job.trace)
@@ -285,7 +312,7 @@ class Gateway:
                 raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
             timeout = self.deadline(headers)
             req = self.parse(raw, model_cls)
-            job, decision = self.make_job(req, chat, record.carrier)
+            job, decision = self.make_job(req, chat, record.carrier, timeout)
             record.request(job, decision, req.stream)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)

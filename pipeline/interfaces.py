@@ -37,6 +37,9 @@ class Job:
     constraint: Constraint | None = None
     request_id: str = ""
     trace: dict[str, str] = field(default_factory=dict)  # W3C trace context carrier
+    # time.time() after which nobody waits for the answer: the model loops stop at their next step
+    # (models/deadline.py) and the orchestration starts no further stage
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

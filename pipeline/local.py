@@ -12,6 +12,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from . import telemetry
 from .errors import BadRequest
+from .health import WorkTracker
 from .interfaces import Job, TextChunk, TextResult
 from .validation import ValidatorRegistry, default_registry
 
@@ -118,6 +119,22 @@ def _stream_in_thread(tokenizer, produce, finish) -> AsyncIterator[TextChunk]:
     return text_chunks(tokenizer, pieces(), lambda ids, text: finish(box["result"], ids))
 
 
+def tracked(work: WorkTracker, deadline: float | None, fn: Callable) -> Callable:
+    """``fn`` registered with ``work`` while it runs (in its worker thread, so a call whose awaiting
+    coroutine was cancelled still counts until the model loop really returns)."""
+
+    def run(*args):
+        with work.track(deadline):
+            return fn(*args)
+
+    return run
+
+
+def batch_deadline(jobs: Sequence[Job]) -> float | None:
+    """A batch runs until its last row's deadline at most (rows leave at their own)."""
+    return None if any(j.deadline is None for j in jobs) else max(j.deadline for j in jobs)
+
+
 def grammar_for(grammar, job: Job, build):
     """``build()`` a grammar object for ``job``'s constraint, or None when there is none or the
     engine cannot compile it (decoding then runs free and validation alone decides). A compile
@@ -190,7 +207,7 @@ class RoundSpeculation:
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
         r = await speculate_rounds(self.verifier, self.draft_canvas, prompt, job.max_tokens, self.width,
-                                   self._detok, on_tokens)
+                                   self._detok, on_tokens, job.deadline)
         telemetry.record_speculation(job.trace, start, r)
         return prompt, r
 
@@ -234,8 +251,10 @@ class LocalDrafter:
     by ``speculative`` (a :class:`models.speculative.SpeculativeDecoder`: verifier in this process,
     sharing the drafter's cache) or by ``rounds`` (a :class:`RoundSpeculation`: verifier elsewhere)."""
 
-    def __init__(self, drafter, speculative=None, grammar=None, rounds: RoundSpeculation | None = None):
+    def __init__(self, drafter, speculative=None, grammar=None, rounds: RoundSpeculation | None = None,
+                 work: WorkTracker | None = None):
         self.drafter = drafter
+        self.work = work or WorkTracker()
         self.tokenizer = drafter.tokenizer
         self.speculative = speculative
         self.rounds = rounds
@@ -254,14 +273,15 @@ class LocalDrafter:
     def speculate_sync(self, job: Job) -> TextResult:
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
-        r = self._spec().generate(prompt, job.max_tokens, seed=job.seed, temperature=job.temperature)
+        r = self._spec().generate(prompt, job.max_tokens, seed=job.seed, temperature=job.temperature,
+                                  deadline=job.deadline)
         telemetry.record_speculation(job.trace, start, r)
         return speculative_result(prompt, r)
 
     async def speculate(self, job: Job) -> TextResult:
         if self.rounds is not None:
             return await self.rounds.speculate(job)
-        return await asyncio.to_thread(self.speculate_sync, job)
+        return await asyncio.to_thread(tracked(self.work, job.deadline, self.speculate_sync), job)
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         if self.rounds is not None:
@@ -275,8 +295,8 @@ class LocalDrafter:
 
         return _stream_in_thread(
             self.tokenizer,
-            lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
-                                               temperature=job.temperature), finish)
+            tracked(self.work, job.deadline, lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
+                                               temperature=job.temperature, deadline=job.deadline)), finish)
 
     def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
         """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""
@@ -284,15 +304,18 @@ class LocalDrafter:
         seed = next((j.seed for j in jobs if j.seed is not None), None)
         hooks = [self._hook(j) for j in jobs]
         start = telemetry.now_ns()
-        drafts = self.drafter.draft(prompts, max_new_tokens=[j.max_tokens for j in jobs], hooks=hooks, seed=seed)
+        drafts = self.drafter.draft(prompts, max_new_tokens=[j.max_tokens for j in jobs], hooks=hooks, seed=seed,
+                                    deadlines=[j.deadline for j in jobs])
         for j, d in zip(jobs, drafts):  # one batch, one span tree per request's own trace
             telemetry.record_draft(j.trace, start, d, len(jobs))
         return [TextResult(d.text, len(p), len(d.token_ids), d.finished,
-                           {**draft_stats(d), "batch_size": len(jobs), "canvas_guided": h is not None})
+                           {**draft_stats(d), "batch_size": len(jobs), "canvas_guided": h is not None,
+                            **({"expired": True} if d.expired else {})})
                 for p, d, h in zip(prompts, drafts, hooks)]
 
     async def draft_many(self, jobs: Sequence[Job]) -> list[TextResult]:
-        return await asyncio.to_thread(self.draft_many_sync, list(jobs))
+        jobs = list(jobs)
+        return await asyncio.to_thread(tracked(self.work, batch_deadline(jobs), self.draft_many_sync), jobs)
 
     async def draft(self, job: Job) -> TextResult:
         return (await self.draft_many([job]))[0]
@@ -303,13 +326,13 @@ class LocalDrafter:
 
         def produce(emit):
             return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, seed=job.seed,
-                                      on_canvas=lambda row, idx, new: emit(list(new)))[0]
+                                      on_canvas=lambda row, idx, new: emit(list(new)), deadlines=[job.deadline])[0]
 
         def finish(d, ids):
             telemetry.record_draft(job.trace, start, d, 1)
             return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d))
 
-        return _stream_in_thread(self.tokenizer, produce, finish)
+        return _stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
 
 class LocalAR:
@@ -320,8 +343,9 @@ class LocalAR:
     grammar from the longest prefix the grammar accepts.
     """
 
-    def __init__(self, verifier, grammar=None):
+    def __init__(self, verifier, grammar=None, work: WorkTracker | None = None):
         self.verifier = verifier
+        self.work = work or WorkTracker()
         self.tokenizer = verifier.tokenizer
         self.grammar = grammar
 
@@ -332,12 +356,12 @@ class LocalAR:
     def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
         processor = self._processor(job, prefix)
         g = self.verifier.generate([prompt + prefix], max_new_tokens=budget, temperature=job.temperature,
-                                   logits_processors=[processor], seed=job.seed)[0]
+                                   logits_processors=[processor], seed=job.seed, deadline=job.deadline)[0]
         ids = prefix + list(g.token_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return TextResult(text, len(prompt), len(ids), g.finished,
                           {"first_token_s": round(g.first_token_s, 4), "ar_s": round(g.total_s, 4),
-                           "constrained": processor is not None})
+                           "constrained": processor is not None, **({"expired": True} if g.expired else {})})
 
     def generate_sync(self, job: Job) -> TextResult:
         with telemetry.span("ar.generate", job.trace) as sp:
@@ -362,10 +386,10 @@ class LocalAR:
             return result
 
     async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await asyncio.to_thread(self.repair_sync, job, draft_text)
+        return await asyncio.to_thread(tracked(self.work, job.deadline, self.repair_sync), job, draft_text)
 
     async def generate(self, job: Job) -> TextResult:
-        return await asyncio.to_thread(self.generate_sync, job)
+        return await asyncio.to_thread(tracked(self.work, job.deadline, self.generate_sync), job)
 
     # -- what a drafter elsewhere calls per verify round (models.speculative.RoundVerifier) -------
     @property
@@ -383,7 +407,7 @@ class LocalAR:
 
     def _token_iter(self, job: Job, prompt: list[int]) -> Iterator[int]:
         return self.verifier.stream(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                                    logits_processor=self._processor(job), seed=job.seed)
+                                    logits_processor=self._processor(job), seed=job.seed, deadline=job.deadline)
 
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
@@ -404,7 +428,7 @@ class LocalAR:
             sp.end()
             return result
 
-        return _stream_in_thread(self.tokenizer, produce, finish)
+        return _stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
 
 def _ar_attributes(span, result: TextResult) -> None:

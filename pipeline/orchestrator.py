@@ -7,40 +7,18 @@ accepted it; otherwise the pipeline repairs or falls back on AR, and answers
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from opentelemetry.trace import SpanKind
 
+from models.deadline import past
+
 from . import telemetry
-from .errors import OutputInvalid, Overloaded, PipelineError, Unavailable
+from .errors import DeadlineExceeded, OutputInvalid, Overloaded, PipelineError, Unavailable
+from .health import DrafterHealth
 from .interfaces import ARService, DraftService, Job, TextChunk, TextResult, ValidationService
 from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
-
-
-@dataclass
-class DrafterHealth:
-    """Circuit breaker: after ``max_failures`` consecutive drafter errors the drafter leaves
-    rotation for ``cooldown_s``; the first request after that probes it back."""
-
-    max_failures: int = 1
-    cooldown_s: float = 10.0
-    clock: Callable[[], float] = time.monotonic
-    failures: int = 0
-    open_until: float = 0.0
-
-    def healthy(self) -> bool:
-        return self.clock() >= self.open_until
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.max_failures:
-            self.open_until = self.clock() + self.cooldown_s
-
-    def success(self) -> None:
-        self.failures = 0
-        self.open_until = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +91,7 @@ class Pipeline:
     async def _ar(self, stage: str, method, job: Job, *args) -> TextResult:
         """An AR call (``stage``: generate | repair | fallback); a failing verifier is a clean 503
         (the request may be retried), never a hang or a stack trace."""
+        _check_deadline(job, stage)
         with telemetry.span(f"dgserve.{stage}", job.trace, SpanKind.CLIENT) as sp:
             try:
                 result = await method(replace(job, trace=telemetry.carrier_of(sp)), *args)
@@ -125,6 +104,7 @@ class Pipeline:
             return result
 
     async def _validate(self, job: Job, text: str):
+        _check_deadline(job, "validate")
         with telemetry.span("dgserve.validate", job.trace, SpanKind.CLIENT) as sp:
             verdict = await self.validator.validate(job.constraint, text, telemetry.carrier_of(sp))
             telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok})
@@ -254,6 +234,13 @@ class Pipeline:
         if final is None:
             final = TextResult(sent, 0, 0, True, {})
         yield TextChunk("", replace(final, text=sent, finished=final.finished or scanner.stopped))
+
+
+def _check_deadline(job: Job, stage: str) -> None:
+    """No further stage for a request whose deadline has passed (its client has been answered 504,
+    or is about to be): the work would only hold a replica."""
+    if past(job.deadline):
+        raise DeadlineExceeded(f"request deadline passed before the {stage} stage", code="deadline_exceeded")
 
 
 def _apply_stops(result: TextResult, stops: list[str]) -> TextResult:

@@ -118,6 +118,128 @@ def _pointer(doc: Any, ref: str) -> Any:
     return node
 
 
+def _anchors(nodes) -> dict[str, Any]:
+    """Plain-name fragments (``"#name"``) -> the schema node that declares them."""
+    anchors = {}
+    for node in nodes:
+        for k in ("$anchor", "$id", "id"):
+            name = node.get(k)
+            if isinstance(name, str) and name:
+                anchors[name if k != "$anchor" else "#" + name] = node
+    return anchors
+
+
+def _resolve(schema: Any, ref: str, anchors: dict[str, Any]) -> Any:
+    if ref == "#" or ref.startswith("#/"):
+        return _pointer(schema, ref)
+    if ref in anchors:
+        return anchors[ref]
+    raise ConstraintError(f"$ref {ref!r}: only references inside the schema ('#', '#/...' or "
+                          "'#anchor') are supported")
+
+
+def _subschemas(schema: Any) -> dict[int, tuple[str, dict]]:
+    """Every dict reachable in ``schema``, by identity, with the JSON pointer it was first met at."""
+    found: dict[int, tuple[str, dict]] = {}
+    todo = [("#", schema)]
+    while todo:
+        where, node = todo.pop()
+        if isinstance(node, dict):
+            if id(node) in found:
+                continue
+            found[id(node)] = (where, node)
+            todo.extend((f"{where}/{k.replace('~', '~0').replace('/', '~1')}", v) for k, v in node.items())
+        elif isinstance(node, list):
+            todo.extend((f"{where}/{i}", v) for i, v in enumerate(node))
+    return found
+
+
+_REF_OVERRIDES_SIBLINGS = ("draft-04", "draft-06", "draft-07", "draft-03")
+
+
+def _needs(node: dict, ref_target: Any, ref_only: bool) -> tuple[list[Any], list[list[Any]]]:
+    """What ``node`` certainly demands of its instances' parts, as (every one of these subschemas
+    must have a finite instance, at least one of each of these groups must). Conservative: only
+    what holds for every instance (an object-only schema's required properties, an array-only
+    schema's first ``minItems`` items, ``$ref``/``allOf``/``anyOf``/``oneOf``); anything else is
+    assumed satisfiable, so the check never refuses a schema that has an instance."""
+    every: list[Any] = [] if ref_target is None else [ref_target]
+    if ref_only:
+        return every, []
+    every += [c for c in node.get("allOf", []) if isinstance(c, (dict, bool))] if isinstance(node.get("allOf"), list) else []
+    groups = [[c for c in node[k] if isinstance(c, (dict, bool))] for k in ("anyOf", "oneOf")
+              if isinstance(node.get(k), list) and node[k]]
+    kinds = node.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else None
+    if kinds == ["object"] and isinstance(node.get("required"), list):
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        extra = node.get("additionalProperties", True)
+        for key in node["required"]:
+            if key in props:
+                every.append(props[key])
+            elif not node.get("patternProperties"):
+                every.append(extra)
+    if kinds == ["array"] and isinstance(node.get("minItems"), int) and node["minItems"] > 0:
+        prefix = node.get("prefixItems") if isinstance(node.get("prefixItems"), list) else (
+            node["items"] if isinstance(node.get("items"), list) else [])
+        rest = node.get("items") if isinstance(node.get("items"), (dict, bool)) else node.get("additionalItems", True)
+        for i in range(min(node["minItems"], len(prefix) + 1)):
+            every.append(prefix[i] if i < len(prefix) else rest)
+    return every, groups
+
+
+def check_finite(schema: Any) -> None:
+    """Refuse a schema no finite JSON value satisfies, naming why: a required recursion such as
+    ``{"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+    "required": ["next"]}}, "$ref": "#/$defs/n"}`` (every instance must contain another instance),
+    or a required part whose schema is ``false``. No model can produce such an answer, and a
+    grammar engine asked for the text it forces would write ``{"next":{"next":...`` forever.
+
+    The least fixed point of "has a finite instance" over the subschemas, starting from none:
+    a subschema gains it once everything it certainly demands (:func:`_needs`) has it."""
+    if isinstance(schema, bool):
+        if not schema:
+            raise ConstraintError("JSON Schema `false` has no instance")
+        return
+    found = _subschemas(schema)
+    anchors = _anchors(n for _, n in found.values())
+    draft = str(schema.get("$schema", "")) if isinstance(schema, dict) else ""
+    ref_only = any(d in draft for d in _REF_OVERRIDES_SIBLINGS)
+    needs = {}
+    for key, (_, node) in found.items():
+        ref = node.get("$ref")
+        target = _resolve(schema, ref, anchors) if isinstance(ref, str) else None
+        needs[key] = _needs(node, target, ref_only and target is not None)
+
+    def ok(sub, finite) -> bool:
+        return sub is True or (isinstance(sub, dict) and id(sub) in finite)
+
+    finite: set[int] = set()
+    changed = True
+    while changed:
+        changed = False
+        for key, (every, groups) in needs.items():
+            if key not in finite and all(ok(s, finite) for s in every) and all(
+                    any(ok(s, finite) for s in g) for g in groups):
+                finite.add(key)
+                changed = True
+    if id(schema) in finite:
+        return
+    # Walk from the root along a demand that fails, to name the cycle (or the `false` it ends at).
+    trail, node = [], schema
+    while isinstance(node, dict) and id(node) not in {id(n) for n in trail}:
+        trail.append(node)
+        every, groups = needs[id(node)]
+        bad = [s for s in every if not ok(s, finite)] or [s for g in groups if not any(ok(x, finite) for x in g)
+                                                           for s in g]
+        node = bad[0] if bad else None
+    names = " -> ".join(found[id(n)][0] for n in trail)
+    if isinstance(node, dict):
+        raise ConstraintError(f"JSON Schema has no finite instance: every value must contain another value of "
+                              f"the same schema (required recursion {names} -> {found[id(node)][0]})")
+    raise ConstraintError(f"JSON Schema has no instance: {names} requires a part whose schema is false")
+
+
 def check_refs(schema: Any, max_evaluations: int = 10_000) -> None:
     """Refuse ``$ref`` use that would stall a validator or a grammar compiler:
 
@@ -143,23 +265,12 @@ def check_refs(schema: Any, max_evaluations: int = 10_000) -> None:
             todo.extend(node.values())
         elif isinstance(node, list):
             todo.extend(node)
-    anchors = {}
-    for node in nodes.values():
-        for k in ("$anchor", "$id", "id"):
-            name = node.get(k)
-            if isinstance(name, str) and name:
-                anchors[name if k != "$anchor" else "#" + name] = node
+    anchors = _anchors(nodes.values())
     for key, node in nodes.items():
         out = []
         ref = node.get("$ref")
         if isinstance(ref, str):
-            if ref == "#" or ref.startswith("#/"):
-                target = _pointer(schema, ref)
-            elif ref in anchors:
-                target = anchors[ref]
-            else:
-                raise ConstraintError(f"$ref {ref!r}: only references inside the schema ('#', '#/...' or "
-                                      "'#anchor') are supported")
+            target = _resolve(schema, ref, anchors)
             if isinstance(target, dict):
                 out.append(id(target))
         for k in _IN_PLACE_LISTS:
@@ -216,6 +327,7 @@ class JsonSchemaValidator:
             where = _json_path(e.path)
             raise ConstraintError(f"invalid JSON Schema at {where}: {e.message}") from None
         check_refs(spec)
+        check_finite(spec)
         stack = [spec]
         while stack:
             node = stack.pop()

@@ -13,7 +13,8 @@ from models.tokenizer import EOS_ID, PAD_ID
 from pipeline.errors import OutputInvalid
 from pipeline.interfaces import Constraint, Job
 from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-from pipeline.orchestrator import DrafterHealth, Pipeline, StopScanner, StructuredPolicy, cut_at_stop
+from pipeline.health import DrafterHealth
+from pipeline.orchestrator import Pipeline, StopScanner, StructuredPolicy, cut_at_stop
 from pipeline.router import RequestShape, RouteDecision
 
 
