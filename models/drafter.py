@@ -24,6 +24,7 @@ from kernels import rng
 from kernels.sampler import ops, sampler_step, select_backend
 
 from .deadline import past
+from .transformers_compat import cache_kwarg
 
 SOFTCAP = 30.0
 
@@ -169,9 +170,8 @@ class DiffusionDrafter:
     def encode(self, cache, ids: torch.Tensor, mask: torch.Tensor, start: int) -> None:
         """Run the causal encoder over ``ids`` [batch, n] at positions ``start..``, filling ``cache``."""
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-        self.model.model.encoder.language_model(
-            input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache
-        )
+        lm = self.model.model.encoder.language_model
+        lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **cache_kwarg(lm, cache))
 
     @torch.inference_mode()
     def draft(
@@ -302,7 +302,7 @@ class DiffusionDrafter:
         kinds = dec.text_config.layer_types
         for i, layer in enumerate(dec.layers[: dec.text_config.num_hidden_layers]):
             h = layer(h, position_embeddings=rope[kinds[i]], attention_mask=mask_mapping[kinds[i]],
-                      position_ids=positions, cache=cache)
+                      position_ids=positions, **cache_kwarg(layer, cache))
         return dec.norm(h)
 
     def denoise_canvas(self, cache, ctx_mask: torch.Tensor, cur_len: int, rows: list[DraftRow],
@@ -329,10 +329,9 @@ class DiffusionDrafter:
         canvas = rng.random_tokens(canvas_seed, cells, vocab)
         canvas = torch.where(pinned, pin_ids, canvas)
         dec_mask = torch.cat([ctx_mask, torch.ones(bsz, canvas_len, dtype=torch.bool, device=dev)], 1)
-        mask_mapping = self.model.model.decoder.create_diffusion_decoder_attention_mask(
-            config=self.model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache,
-            decoder_attention_mask=dec_mask,
-        )
+        make_mask = self.model.model.decoder.create_diffusion_decoder_attention_mask
+        mask_mapping = make_mask(config=self.model.config, inputs_embeds=canvas.unsqueeze(-1),
+                                 decoder_attention_mask=dec_mask, **cache_kwarg(make_mask, cache))
         positions = torch.arange(cur_len, cur_len + canvas_len, device=dev).unsqueeze(0)
         argmax = canvas
         soft = None  # self-conditioning input [batch, canvas, hidden], from the previous step's logits

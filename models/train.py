@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
+from .transformers_compat import cache_kwarg
 from .architecture import MICRO, TinySpec, build_config
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
 
@@ -109,11 +110,12 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
     canvas = batch.canvas_target.shape[1]
 
     cache = DynamicCache(config=cfg.get_text_config(decoder=True))
-    enc = model.model.encoder.language_model(
+    lm = model.model.encoder.language_model
+    enc = lm(
         input_ids=batch.encoder_ids,
         attention_mask=batch.encoder_mask.long(),
         position_ids=torch.arange(width).unsqueeze(0).expand(bsz, -1),
-        cache=cache,
+        **cache_kwarg(lm, cache),
     )
     # The head runs on the answer positions only (the prompt has no next-token labels): same loss,
     # about a fifth of the encoder-side head work (answers are ~25 of ~130 tokens).
@@ -129,7 +131,7 @@ def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float 
     def decode(noised, sc_logits):
         out = model.model.decoder(
             decoder_input_ids=noised,
-            cache=cache,
+            **cache_kwarg(model.model.decoder, cache),
             self_conditioning_logits=sc_logits,
             self_conditioning_mask=None,
             decoder_attention_mask=dec_mask,

@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .deadline import past
+from .transformers_compat import cache_kwarg
 
 SOFTCAP = 30.0
 
@@ -63,9 +64,8 @@ class DiffusionCausalLM:
 
     def logits(self, ids, mask, start, cache):
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-        out = self.model.model.encoder.language_model(
-            input_ids=ids, attention_mask=mask.long(), position_ids=positions, cache=cache
-        )
+        lm = self.model.model.encoder.language_model
+        out = lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **cache_kwarg(lm, cache))
         return torch.tanh(self.model.lm_head(out.last_hidden_state).float() / SOFTCAP) * SOFTCAP
 
 

@@ -181,6 +181,43 @@ def test_hostile_input_is_answered_within_2s_while_others_are_served(guarded, na
     assert normal["r"].status_code == 200, normal["r"].text
 
 
+def _replica_ids(app: str, deployment: str) -> set[int]:
+    """PIDs of the deployment's replica processes (a restarted replica is a new process)."""
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if f"ServeReplica:{app}:{deployment}" in " ".join(p.info["cmdline"] or [])}
+
+
+def test_the_schemas_that_took_the_drafter_down_are_400s_and_the_replica_stays(guarded):
+    """An unsatisfiable recursive schema (every instance contains another) once made the grammar's
+    forced text infinite and the Drafter replica ran out of memory; a 2,000-level schema answered 500."""
+    recursive = {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+                                 "required": ["next"]}}, "$ref": "#/$defs/n"}
+    deep = '{"type":"object","properties":{"a":' * 2000 + "{}" + '},"required":["a"]}' * 2000
+    head = json.dumps(_schema_body({}))[:-len('{}}}}')]  # the body up to the schema
+    raws = [json.dumps(_schema_body(recursive)).encode(), (head + deep + "}}}").encode()]
+    replicas = _replica_ids("guarded", "Drafter")
+    assert replicas
+    before = replica_rss("guarded")
+    for raw in raws:
+        normal: dict = {}
+        t = threading.Thread(target=lambda: normal.update(r=post(guarded, structured(3))[0]))
+        t.start()
+        start = time.monotonic()
+        r = requests.post(f"{guarded}/v1/chat/completions", data=raw, timeout=DEADLINE_S,
+                          headers={**AUTH, "content-type": "application/json"})
+        took = time.monotonic() - start
+        t.join(DEADLINE_S + 10)
+        assert r.status_code == 400 and took < 2.0, (r.status_code, took, r.text[:300])
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert answer_ok(structured(3), normal["r"]), normal["r"].text
+    assert replica_rss("guarded") - before < 200 * 2**20
+    assert _replica_ids("guarded", "Drafter") == replicas  # no restart
+    health = requests.get(f"{guarded}/health", timeout=10).json()
+    assert health["drafter_in_rotation"] is True and health["drafter_stuck_jobs"] == 0
+
+
 # -- overload ------------------------------------------------------------------------------------------
 def test_load_at_four_times_capacity_is_served_or_shed_cleanly(guarded):
     # capacity: closed loop at the drafter's batch size for a few seconds

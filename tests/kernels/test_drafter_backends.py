@@ -5,6 +5,7 @@ import torch
 from models import tasks
 from models.drafter import DiffusionDrafter, softcapped
 from models.tokenizer import encode_prompt
+from models.transformers_compat import cache_kwarg
 
 
 def test_drafts_are_identical_on_every_backend(dg):
@@ -34,10 +35,12 @@ def _compare(model, tok, drafter):
     n = prompt.shape[1]
     canvas = torch.randint(0, drafter.vocab_size, (1, drafter.canvas_length), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(n, n + drafter.canvas_length).unsqueeze(0)
-    masks = model.model.decoder.create_diffusion_decoder_attention_mask(
-        config=model.config, inputs_embeds=canvas.unsqueeze(-1), cache=cache, decoder_attention_mask=None)
+    make_mask = model.model.decoder.create_diffusion_decoder_attention_mask
+    masks = make_mask(config=model.config, inputs_embeds=canvas.unsqueeze(-1), decoder_attention_mask=None,
+                      **cache_kwarg(make_mask, cache))
     prev = torch.randn(1, drafter.canvas_length, drafter.vocab_size) * 3
-    theirs = model.model.decoder(decoder_input_ids=canvas, cache=cache, self_conditioning_logits=prev,
+    theirs = model.model.decoder(decoder_input_ids=canvas, **cache_kwarg(model.model.decoder, cache),
+                                 self_conditioning_logits=prev,
                                  decoder_attention_mask=masks, decoder_position_ids=positions).last_hidden_state
     soft = drafter._soft_embedding(prev, model.model.decoder.embed_tokens.weight)
     ours = drafter.decoder_hidden(canvas, soft, cache, masks, positions)
