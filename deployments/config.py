@@ -89,6 +89,33 @@ class DrafterArgs(ModelArgs):
     #   auto: local for the transformers backend, verifier for vllm.
     verify_with: Literal["auto", "local", "verifier"] = "auto"
 
+    @model_validator(mode="after")
+    def _one_step_cap(self):
+        v = self.vllm.max_denoising_steps
+        if self.backend == "vllm" and None not in (v, self.max_denoising_steps) and v != self.max_denoising_steps:
+            raise ValueError(f"drafter.max_denoising_steps ({self.max_denoising_steps}) and "
+                             f"drafter.vllm.max_denoising_steps ({v}) disagree: set one")
+        explicit = "max_batch_size" in self.model_fields_set
+        if self.backend == "vllm" and explicit and self.max_batch_size > self.vllm.max_num_seqs:
+            raise ValueError(f"drafter.max_batch_size ({self.max_batch_size}) exceeds drafter.vllm.max_num_seqs "
+                             f"({self.vllm.max_num_seqs}): the engine runs at most max_num_seqs drafts at once")
+        return self
+
+    def batch_size(self) -> int:
+        """Drafts one ``@serve.batch`` call gathers: ``max_batch_size``, which on vLLM defaults to
+        the engine's ``max_num_seqs`` (a larger batch only queues inside the engine)."""
+        if self.backend == "vllm" and "max_batch_size" not in self.model_fields_set:
+            return self.vllm.max_num_seqs
+        return self.max_batch_size
+
+    def vllm_settings(self, default_checkpoint: str):
+        """The engine bundle; ``max_denoising_steps`` is the engine-wide step cap on vLLM."""
+        from dataclasses import replace
+
+        settings = super().vllm_settings(default_checkpoint)
+        steps = self.vllm.max_denoising_steps or self.max_denoising_steps
+        return replace(settings, max_denoising_steps=steps, language_model_only=True)
+
 
 class VerifierArgs(ModelArgs):
     # "same": AR through the drafter's own weights, inside the drafter replica (no second copy);

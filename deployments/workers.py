@@ -56,7 +56,7 @@ class DrafterDeployment:
             self._init_vllm(args, verifier, verifier_handle)
         else:
             self._init_transformers(args, verifier, structured, verifier_handle)
-        self._draft_batch.set_max_batch_size(args.max_batch_size)
+        self._draft_batch.set_max_batch_size(args.batch_size())
         self._draft_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     def _init_vllm(self, args: DrafterArgs, verifier: VerifierArgs, handle) -> None:

@@ -5,8 +5,15 @@
   (one prefill over ``prompt + draft`` with prompt logprobs: the accepted prefix is the longest
   prefix of the draft equal to the model's greedy choices).
 * :class:`VLLMDiffusion`: DiffusionGemma on vLLM's diffusion runner (GPU only): whole canvases,
-  per-request diffusion arguments (``diffusion_max_steps``, ``diffusion_seed_canvas`` +
-  ``diffusion_pinned``) through ``SamplingParams.extra_args``.
+  per-request diffusion arguments (:data:`DIFFUSION_ARGS`) through ``SamplingParams.extra_args``.
+
+The diffusion contract, read from vLLM's source (0.32 and 0.33 share it; ``tests/vllm`` pins it
+against the installed build): ``SamplingParams._validate_diffusion`` refuses the parameters in
+:data:`DIFFUSION_REFUSED` for a diffusion model (its sampler runs its own temperature schedule and
+RNG), so the drafter never sends them and reports a client's seed as ignored; structured outputs
+are refused too (constraints are enforced after the draft); ``vllm/utils/diffusion.py`` validates
+the ``extra_args`` at admission. :func:`check_diffusion_support` refuses to start on a vLLM that
+would ignore them.
 
 vLLM is imported only when an engine is built, so nothing here costs an import elsewhere. Engine
 settings come in one typed bundle (:class:`VLLMSettings`), filled from the serve config.
@@ -22,6 +29,13 @@ from typing import Any, AsyncIterator, Sequence
 from .speculative import Verification
 
 _ids = itertools.count()
+
+# SamplingParams fields vLLM refuses for diffusion models (SamplingParams._validate_diffusion).
+DIFFUSION_REFUSED = ("temperature != 1", "min_p", "seed", "min_tokens", "logit_bias", "bad_words", "allowed_token_ids")
+# Per-request extra_args dgserve sends to the diffusion runner (vllm/utils/diffusion.py validates them).
+DIFFUSION_ARGS = ("diffusion_max_steps", "diffusion_canvas_length", "diffusion_read_only",
+                  "diffusion_seed_canvas", "diffusion_pinned")
+SUPPORTED_VLLM = ("0.32", "0.33")
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,9 @@ class VLLMSettings:
     # JSON without free whitespace (engine-wide in vLLM): a weak model can otherwise emit whitespace
     # until max_tokens
     compact_json: bool = True
+    # text only: vLLM skips DiffusionGemma's vision tower and multimodal processing (the checkpoint
+    # may ship no processor config, and dgserve serves no images)
+    language_model_only: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # further AsyncEngineArgs fields, passed as is
 
     def engine_args(self):
@@ -57,6 +74,8 @@ class VLLMSettings:
             kw["kv_cache_memory_bytes"] = self.kv_cache_memory_bytes
         if self.attention_backend is not None:
             kw["attention_backend"] = self.attention_backend
+        if self.language_model_only:
+            kw["language_model_only"] = True
         if self.canvas_length is not None:
             diffusion = {"canvas_length": self.canvas_length}
             if self.max_denoising_steps is not None:
@@ -200,6 +219,37 @@ def _top1(position_logprobs: dict) -> int:
     return next(t for t, lp in position_logprobs.items() if lp.rank == 1)
 
 
+def check_diffusion_support() -> None:
+    """Refuse to start on a vLLM that would ignore the per-request diffusion arguments dgserve
+    relies on (a verify round pins the verifier's token through ``diffusion_seed_canvas`` +
+    ``diffusion_pinned``; ignored, every round would draft an unpinned canvas). Probes the
+    installed admission check (``vllm/utils/diffusion.py``) with a wrong value of each key: each
+    must be refused, and ``diffusion_read_only`` must cap ``max_tokens`` at the canvas."""
+    import vllm
+    from vllm.sampling_params import SamplingParams
+
+    where = f"vLLM {vllm.__version__} (dgserve supports {', '.join(SUPPORTED_VLLM)})"
+    try:
+        from vllm.utils.diffusion import validate_diffusion_sampling_params as admit
+    except ImportError:
+        raise RuntimeError(f"{where} has no per-request diffusion arguments (vllm.utils.diffusion): the vllm "
+                           "drafter backend needs them") from None
+    wrong = {"diffusion_max_steps": {"diffusion_max_steps": 0},
+             "diffusion_canvas_length": {"diffusion_canvas_length": 9},
+             "diffusion_seed_canvas": {"diffusion_seed_canvas": [0, 1, 2]},
+             "diffusion_pinned": {"diffusion_pinned": [0]}}
+    for key, extra in wrong.items():
+        try:
+            admit(SamplingParams(max_tokens=8, extra_args=extra), canvas_length=8, vocab_size=16)
+        except Exception:
+            continue
+        raise RuntimeError(f"{where} ignores the per-request diffusion argument {key!r}")
+    read = SamplingParams(max_tokens=100, extra_args={"diffusion_read_only": True})
+    admit(read, canvas_length=8, vocab_size=16)
+    if read.max_tokens != 8:
+        raise RuntimeError(f"{where} ignores 'diffusion_read_only'")
+
+
 class VLLMDiffusion(_Engine):
     """DiffusionGemma served by vLLM's diffusion runner (needs a GPU: Triton with CUDA)."""
 
@@ -212,49 +262,54 @@ class VLLMDiffusion(_Engine):
     def from_settings(cls, settings: VLLMSettings) -> "VLLMDiffusion":
         from transformers import AutoConfig
 
+        check_diffusion_support()
         cfg = AutoConfig.from_pretrained(settings.model)
         canvas = settings.canvas_length or int(cfg.canvas_length)
-        if settings.canvas_length is None:
-            settings = VLLMSettings(**{**settings.__dict__, "canvas_length": canvas})
+        settings = VLLMSettings(**{**settings.__dict__, "canvas_length": canvas, "language_model_only": True})
         base = _Engine.from_settings(settings)
         return cls(base.engine, base.eos_ids, int(cfg.get_text_config().vocab_size), canvas)
 
-    def params(self, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
-               kind: str | None = None, spec: Any = None, **kw):
-        # vLLM rejects structured outputs and temperature != 1 for DiffusionGemma: the sampler's own
-        # schedule applies, and constraints are enforced after the draft (validate, repair on AR).
+    def params(self, max_tokens: int, extra: dict[str, Any] | None = None):
+        """Sampling parameters for a draft: none of :data:`DIFFUSION_REFUSED` (the sampler's own
+        schedule and RNG apply: a client's seed cannot be honoured), no structured outputs
+        (constraints are enforced after the draft: validate, repair on AR)."""
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        return SamplingParams(max_tokens=max_tokens, seed=seed, output_kind=RequestOutputKind.DELTA,
-                              skip_special_tokens=True, **kw)
+        return SamplingParams(max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA,
+                              skip_special_tokens=True, extra_args=extra or None)
 
-    async def draft(self, prompt: Sequence[int], max_new_tokens: int, detok, seed: int | None = None,
+    def draft_params(self, max_new_tokens: int, max_steps: int | None = None):
+        return self.params(max_new_tokens, {"diffusion_max_steps": max_steps} if max_steps else None)
+
+    def canvas_params(self, first_token: int, width: int, seed: int, max_steps: int | None = None):
+        """One canvas of ``width`` read whole (``diffusion_read_only``), position 0 pinned to
+        ``first_token`` and the rest uniform noise drawn from ``seed``: a verify round's draft."""
+        import random
+
+        noise = [random.Random(seed).randrange(self.vocab_size) for _ in range(width)]
+        noise[0] = first_token
+        extra: dict[str, Any] = {"diffusion_canvas_length": width, "diffusion_read_only": True,
+                                 "diffusion_seed_canvas": noise, "diffusion_pinned": [0]}
+        if max_steps:
+            extra["diffusion_max_steps"] = max_steps
+        return self.params(width, extra)
+
+    async def draft(self, prompt: Sequence[int], max_new_tokens: int, detok,
                     max_steps: int | None = None) -> EngineResult:
-        extra = {"diffusion_max_steps": max_steps} if max_steps else None
-        return await self.run(prompt, self.params(max_new_tokens, seed=seed, extra_args=extra), detok)
+        return await self.run(prompt, self.draft_params(max_new_tokens, max_steps), detok)
 
-    async def canvases(self, prompt: Sequence[int], max_new_tokens: int, seed: int | None = None
-                       ) -> AsyncIterator[list[int]]:
+    async def canvases(self, prompt: Sequence[int], max_new_tokens: int) -> AsyncIterator[list[int]]:
         """Token ids as each canvas is committed."""
-        async for new, _ in self.deltas(prompt, self.params(max_new_tokens, seed=seed)):
+        async for new, _ in self.deltas(prompt, self.draft_params(max_new_tokens)):
             if new:
                 yield new
 
     async def draft_canvas(self, prompt: Sequence[int], first_token: int, width: int,
                            max_steps: int | None = None) -> tuple[list[int], None]:
-        """One canvas after ``prompt`` whose position 0 is pinned to ``first_token`` (the verifier's
-        known next token), read whole (``diffusion_read_only``): the draft of a verify round. vLLM
-        does not report the denoising steps (None)."""
-        import random
-
-        noise = [random.Random(first_token * 7919 + len(prompt)).randrange(self.vocab_size) for _ in range(width)]
-        noise[0] = first_token  # the pinned position; the rest starts as uniform noise, as usual
-        extra: dict[str, Any] = {"diffusion_canvas_length": width, "diffusion_read_only": True,
-                                 "diffusion_seed_canvas": noise, "diffusion_pinned": [0]}
-        if max_steps:
-            extra["diffusion_max_steps"] = max_steps
+        """A verify round's draft (:meth:`canvas_params`); vLLM does not report the denoising
+        steps (None)."""
+        params = self.canvas_params(first_token, width, first_token * 7919 + len(prompt), max_steps)
         ids: list[int] = []
-        async for out in self.engine.generate({"prompt_token_ids": list(prompt)},
-                                              self.params(width, extra_args=extra), f"dgserve-c{next(_ids)}"):
+        async for out in self.engine.generate({"prompt_token_ids": list(prompt)}, params, f"dgserve-c{next(_ids)}"):
             ids += list(out.outputs[0].token_ids)
         return ids, None

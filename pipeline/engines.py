@@ -7,6 +7,8 @@ cannot tell them apart. Differences a user sees:
   grammar at the answer's first token, so a draft prefix cannot be resumed under it;
 * the drafter applies no grammar inside the denoising loop (vLLM rejects structured output for
   DiffusionGemma); validation, repair and fallback still guarantee structured answers;
+* a client's ``seed`` does not reach the drafter (vLLM refuses per-request seeds for diffusion
+  models): the draft runs and ``stats.seed_ignored`` says so;
 * the verify route runs :class:`pipeline.local.RoundSpeculation` over the drafter engine and an
   AR verifier (a co-located vLLM engine, or the Verifier deployment over a handle), greedy only
   (sampled verification redraws from the verifier's whole distribution, which vLLM's prompt
@@ -74,6 +76,11 @@ class EngineAR:
                                                                           len(out) < job.max_tokens, {}))
 
 
+def _ignored(job: Job) -> dict:
+    """What the diffusion runner cannot honour of this request (models/vllm_backend.py:DIFFUSION_REFUSED)."""
+    return {"seed_ignored": True} if job.seed is not None else {}
+
+
 class EngineDrafter:
     """``DraftService`` over a :class:`models.vllm_backend.VLLMDiffusion`; ``verifier`` (a
     :class:`models.speculative.RoundVerifier`: a co-located :class:`models.vllm_backend.VLLMCausal`
@@ -91,16 +98,16 @@ class EngineDrafter:
         self.rounds = (RoundSpeculation(tokenizer, draft_canvas, verifier, verify_width or engine.canvas_length)
                        if verifier is not None else None)
 
-    def _stats(self, r) -> dict:
+    def _stats(self, r, job: Job) -> dict:
         canvases = max(1, math.ceil((len(r.token_ids) + r.finished) / self.engine.canvas_length))
         return {"canvases": canvases, "first_chunk_s": round(r.first_token_s, 4), "draft_s": round(r.total_s, 4),
-                "backend": "vllm"}
+                "backend": "vllm", **_ignored(job)}
 
     async def draft(self, job: Job) -> TextResult:
         with telemetry.span("drafter.draft", job.trace, attrs={"dgserve.backend": "vllm"}) as sp:
             prompt = encode_job(self.tokenizer, job)
-            r = await self.engine.draft(prompt, job.max_tokens, self._detok, seed=job.seed)
-            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished, self._stats(r))
+            r = await self.engine.draft(prompt, job.max_tokens, self._detok)
+            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished, self._stats(r, job))
             telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens, **{
                 f"dgserve.{k}": v for k, v in result.stats.items()}})
             return result
@@ -115,12 +122,13 @@ class EngineDrafter:
         canvases = []
 
         async def counted():
-            async for ids in self.engine.canvases(prompt, job.max_tokens, seed=job.seed):
+            async for ids in self.engine.canvases(prompt, job.max_tokens):
                 canvases.append(len(ids))
                 yield ids
 
         return text_chunks(self.tokenizer, counted(), lambda out, text: TextResult(
-            text, len(prompt), len(out), len(out) < job.max_tokens, {"canvases": len(canvases), "backend": "vllm"}))
+            text, len(prompt), len(out), len(out) < job.max_tokens,
+            {"canvases": len(canvases), "backend": "vllm", **_ignored(job)}))
 
     def _rounds(self) -> RoundSpeculation:
         if self.rounds is None:

@@ -22,6 +22,12 @@ def test_committed_serve_configs_parse(name):
         assert total <= 2, "the embedded default must schedule on 2 CPUs"
     else:
         assert args.drafter.replica.num_gpus == 1 and args.drafter.replica.autoscaling
+        for model in (args.drafter, args.verifier):  # Ray's queue in front of an engine matches its limits
+            seqs = model.vllm.max_num_seqs
+            assert model.replica.max_ongoing_requests <= 2 * seqs, model
+            assert model.replica.autoscaling["target_ongoing_requests"] <= seqs
+        assert args.drafter.batch_size() <= args.drafter.vllm.max_num_seqs
+        assert args.router.drafter_queue_threshold <= args.drafter.replica.max_ongoing_requests
 
 
 def test_unknown_or_wrong_values_fail_at_deploy_time():
@@ -56,5 +62,14 @@ def test_vllm_backends_are_checked_at_deploy_time():
     s = args.drafter.vllm_settings("/unused")
     assert (s.model, s.dtype, s.max_num_seqs, s.canvas_length) == ("/m/dg", "bfloat16", 4, 256)
     assert s.attention_backend == "TRITON_ATTN" and s.extra == {"enable_prefix_caching": True}
+    assert s.language_model_only and args.drafter.batch_size() == 4  # defaults to the engine's max_num_seqs
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        AppArgs.model_validate({"drafter": {"backend": "vllm", "max_batch_size": 8, "vllm": {"max_num_seqs": 4}},
+                                "verifier": causal})
+    with pytest.raises(ValidationError, match="disagree"):
+        AppArgs.model_validate({"drafter": {"backend": "vllm", "max_denoising_steps": 8,
+                                            "vllm": {"max_denoising_steps": 16}}, "verifier": causal})
+    steps = AppArgs.model_validate({"drafter": {"backend": "vllm", "max_denoising_steps": 8}, "verifier": causal})
+    assert steps.drafter.vllm_settings("/m").max_denoising_steps == 8  # no longer dropped on vLLM
     with pytest.raises(ValidationError, match="gpu_memory_utilization"):
         AppArgs.model_validate({"drafter": {"vllm": {"gpu_memory_utilization": 1.5}}})
