@@ -342,7 +342,11 @@ class DiffusionDrafter:
         for step, remaining in enumerate(range(s.max_steps, 0, -1)):
             forwards += (~done).long()
             hidden = self.decoder_hidden(canvas, soft, cache, mask_mapping, positions)
-            logits = softcapped(self.model.lm_head(hidden)) / self._temperature(remaining, s)
+            # softcap and temperature in place: the same operations in the same order as
+            # softcapped(x) / t, without three [batch, canvas, vocab] temporaries (1 GiB each at
+            # the real vocabulary, batch 4)
+            logits = self.model.lm_head(hidden).float()
+            logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP).div_(self._temperature(remaining, s))
             for b, row in enumerate(rows):
                 if row.hook is None or done[b]:
                     continue
