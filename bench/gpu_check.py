@@ -43,11 +43,12 @@ PROMPT = "Extract the city as JSON: we met in Rome."
 
 
 def _shape(dry: bool):
-    from models.real_shape import REAL, Shape
+    from models.architecture import ModelSpec
+    from models.real_shape import REAL
 
     if not dry:
         return REAL
-    return Shape(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    return ModelSpec(vocab_size=2048, hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  num_global_key_value_heads=1, global_head_dim=64, intermediate_size=256, num_experts=8,
                  top_k_experts=2, moe_intermediate_size=64, sliding_window=64, canvas_length=64,
                  max_position_embeddings=4096)
@@ -153,28 +154,33 @@ def _engine_rows(run_batch, batches=(1, 4)) -> list[dict]:
     return rows
 
 
-def vllm_diffusion(a) -> dict:
-    from models.real_shape import write_checkpoint
-    from models.tokenizer import encode_prompt
-    from models.vllm_backend import VLLMDiffusion
+def _start(cls, settings):
+    """(event loop, engine, seconds to start it, detokenizer, the prompt's ids) for one engine."""
     from transformers import AutoTokenizer
 
-    ckpt = write_checkpoint(Path(tempfile.mkdtemp(prefix="dg-real-")), a.layers, config_only=True)
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    detok = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
-    settings = _diffusion_settings(a, ckpt)
+    from models.tokenizer import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(settings.model)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     t = time.perf_counter()
-    dg = loop.run_until_complete(_build(VLLMDiffusion, settings))
-    start_s = time.perf_counter() - t
-    prompt = encode_prompt(tok, PROMPT)
+    engine = loop.run_until_complete(_build(cls, settings))
+    return (loop, engine, round(time.perf_counter() - t, 1), lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+            encode_prompt(tok, PROMPT))
+
+
+def vllm_diffusion(a) -> dict:
+    from models.real_shape import write_checkpoint
+    from models.vllm_backend import VLLMDiffusion
+
+    ckpt = write_checkpoint(Path(tempfile.mkdtemp(prefix="dg-real-")), a.layers, config_only=True)
+    loop, dg, start_s, detok, prompt = _start(VLLMDiffusion, _diffusion_settings(a, ckpt))
     loop.run_until_complete(dg.draft(prompt, dg.canvas_length, detok))  # warm-up
     rows = _engine_rows(lambda b: asyncio.gather(*(dg.draft(prompt, dg.canvas_length, detok) for _ in range(b))))
     canvas, _ = loop.run_until_complete(dg.draft_canvas(prompt, first_token=17, width=dg.canvas_length))
     used = _gpu_used_gib()
     dg.shutdown()
-    return {"layers": a.layers, "steps_cap": a.steps, "engine_start_s": round(start_s, 1), "rows": rows,
+    return {"layers": a.layers, "steps_cap": a.steps, "engine_start_s": start_s, "rows": rows,
             "verify_canvas": {"tokens": len(canvas), "pinned_kept": bool(canvas) and canvas[0] == 17},
             "gpu_used_gib": used}
 
@@ -203,29 +209,19 @@ async def _build(cls, settings):
 def vllm_ar(a) -> dict:
     from models.export_ar import gemma4_text_config
     from models.real_shape import real_config, real_generation_config, write_padded_tokenizer
-    from models.tokenizer import encode_prompt
     from models.vllm_backend import VLLMCausal
-    from transformers import AutoTokenizer
 
     ckpt = Path(tempfile.mkdtemp(prefix="dg-real-ar-"))
     write_padded_tokenizer(ckpt)
     gemma4_text_config(real_config(a.layers)).save_pretrained(ckpt)
     real_generation_config().save_pretrained(ckpt)
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    detok = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731
-    settings = _ar_settings(a, ckpt)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    t = time.perf_counter()
-    ar = loop.run_until_complete(_build(VLLMCausal, settings))
-    start_s = time.perf_counter() - t
-    prompt = encode_prompt(tok, PROMPT)
+    loop, ar, start_s, detok, prompt = _start(VLLMCausal, _ar_settings(a, ckpt))
     loop.run_until_complete(ar.generate(prompt, 8, detok))
     rows = _engine_rows(lambda b: asyncio.gather(*(ar.generate(prompt, a.ar_tokens, detok) for _ in range(b))))
     v = loop.run_until_complete(ar.verify(prompt, [17] * 64))
     used = _gpu_used_gib()
     ar.shutdown()
-    return {"layers": a.layers, "max_new_tokens": a.ar_tokens, "engine_start_s": round(start_s, 1), "rows": rows,
+    return {"layers": a.layers, "max_new_tokens": a.ar_tokens, "engine_start_s": start_s, "rows": rows,
             "verify": {"accepted": v.accepted, "correction": v.correction}, "gpu_used_gib": used}
 
 

@@ -29,7 +29,7 @@ def resident_bytes() -> int:
 def child(backend: str, batch: int, canvas: int, vocab: int, hidden: int) -> dict:
     import torch
 
-    from kernels.sampler import ops
+    from kernels.dispatch import ops
 
     torch.set_num_threads(2)
     stats_op, soft_op = ops(backend)

@@ -15,7 +15,8 @@ the first ``k`` with ``sum(H_1..H_k) - H_k <= bound``. Worked example with bound
 ``[0, 0.02, 0.06, 0.11]``, so positions 0, 3, 2 are accepted and position 1 is renoised. The
 lowest-entropy position is always accepted, so every step makes progress.
 
-Ops (each backend implements them with the same signature; :func:`select_backend` picks one):
+Ops (each backend implements them with the same signature; ``kernels/dispatch.py`` picks one and
+runs the whole step):
 
 * ``position_stats(logits, temperature, seed)``: per canvas position, over the vocabulary, the
   log-sum-exp, entropy, argmax and a Gumbel-max sample of ``softmax(logits / temperature)`` with
@@ -30,15 +31,11 @@ memory beyond one chunk) and ``kernels/sampler_triton.py`` does one pass per pos
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import rng
-
-BACKENDS = ("reference", "chunked", "triton")
-
 
 @dataclass(frozen=True)
 class PositionStats:
@@ -94,45 +91,3 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     sorted_h, order = torch.sort(entropy, dim=-1)
     keep_sorted = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= bound
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def select_backend(device: torch.device | str = "cpu") -> str:
-    """``DGSERVE_SAMPLER_BACKEND`` if set; else Triton on CUDA when it imports, chunked on CPU."""
-    forced = os.environ.get("DGSERVE_SAMPLER_BACKEND")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"DGSERVE_SAMPLER_BACKEND must be one of {BACKENDS}, got {forced!r}")
-        return forced
-    if torch.device(device).type == "cuda":
-        from .sampler_triton import available
-
-        if available():
-            return "triton"
-    return "chunked"
-
-
-def ops(backend: str):
-    """(position_stats, soft_embedding) of a backend."""
-    if backend == "reference":
-        return position_stats, soft_embedding
-    if backend == "chunked":
-        from . import sampler_cpu
-
-        return sampler_cpu.position_stats, sampler_cpu.soft_embedding
-    if backend == "triton":
-        from . import sampler_triton
-
-        return sampler_triton.position_stats, sampler_triton.soft_embedding
-    raise ValueError(f"unknown sampler backend {backend!r}; expected one of {BACKENDS}")
-
-
-def sampler_step(logits: torch.Tensor, canvas: torch.Tensor, entropy_bound: float, seed: int,
-                 temperature: float = 1.0, backend: str = "reference") -> SamplerStep:
-    """One sampler update: Gumbel-max sample, argmax, entropy-bound acceptance, renoise of the
-    rest (uniform tokens from the stateless RNG). ``logits`` [batch, canvas, vocab]."""
-    stats = ops(backend)[0](logits, temperature, seed)
-    accepted = entropy_bound_accept(stats.entropy, entropy_bound)
-    positions = torch.arange(canvas.numel(), device=canvas.device, dtype=torch.int64).view(canvas.shape)
-    noise = rng.random_tokens(seed, positions, logits.shape[-1])
-    return SamplerStep(stats.sample, stats.argmax, stats.entropy, accepted,
-                       torch.where(accepted, stats.sample, noise))

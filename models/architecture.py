@@ -14,15 +14,19 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass(frozen=True)
-class TinySpec:
+class ModelSpec:
+    """A DiffusionGemma text stack's sizes (the tiny defaults; ``models/real_shape.py:REAL`` is the
+    published 26B-A4B one)."""
+
     vocab_size: int = 1024
     hidden_size: int = 128
-    intermediate_size: int = 256
+    intermediate_size: int = 256  # the dense MLP beside the experts
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    global_head_dim: int = 64
+    num_key_value_heads: int = 2  # sliding-attention layers
+    head_dim: int = 32  # sliding-attention layers
+    global_head_dim: int = 64  # full-attention layers (K=V)
+    num_global_key_value_heads: int | None = None  # full-attention layers; None: num_key_value_heads
     num_experts: int = 4
     top_k_experts: int = 2
     moe_intermediate_size: int = 128
@@ -31,16 +35,19 @@ class TinySpec:
     max_position_embeddings: int = 2048
 
 
-MICRO = TinySpec(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
-                 num_experts=2, top_k_experts=1, moe_intermediate_size=32, canvas_length=16)
+
+MICRO = ModelSpec(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                  num_experts=2, top_k_experts=1, moe_intermediate_size=32, canvas_length=16)
 
 
-def build_config(spec: TinySpec):
-    """A ``DiffusionGemmaConfig`` for ``spec`` (with a token-sized vision tower, never used)."""
+def build_config(spec: ModelSpec, layer_types: list[str] | None = None):
+    """A ``DiffusionGemmaConfig`` for ``spec`` (with a token-sized vision tower, never used).
+    ``layer_types`` defaults to sliding layers and one full-attention layer last."""
     from transformers import DiffusionGemmaConfig
 
-    layer_types = ["sliding_attention"] * (spec.num_hidden_layers - 1) + ["full_attention"]
+    if layer_types is None:
+        layer_types = ["sliding_attention"] * (spec.num_hidden_layers - 1) + ["full_attention"]
     text_config = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -60,6 +67,8 @@ def build_config(spec: TinySpec):
         eos_token_id=EOS_ID,
         bos_token_id=BOS_ID,
     )
+    if spec.num_global_key_value_heads is not None:
+        text_config["num_global_key_value_heads"] = spec.num_global_key_value_heads
     vision_config = dict(
         model_type="gemma4_vision",
         hidden_size=16,

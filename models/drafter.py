@@ -21,7 +21,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from kernels import rng
-from kernels.sampler import ops, sampler_step, select_backend
+from kernels.dispatch import ops, sampler_step, select_backend
 
 from .deadline import past
 from .transformers_compat import cache_kwarg

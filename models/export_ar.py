@@ -132,8 +132,8 @@ def export(src: Path, out: Path, dtype: str = "auto", shard_bytes: int = 4 << 30
         total = sum((out / f).stat().st_size for f in files)
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    if cast is not None:
-        config.dtype = dtype
+    config.architectures = ["Gemma4ForCausalLM"]  # what engines (vLLM) read to pick the model class
+    config.dtype = dtype if cast is not None else str(config.dtype or "float32").removeprefix("torch.")
     config.save_pretrained(out)
     gen = GenerationConfig.from_pretrained(str(src))
     GenerationConfig(eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,

@@ -22,32 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
+from .architecture import ModelSpec, build_config
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
-@dataclass(frozen=True)
-class Shape:
-    vocab_size: int = 262_144
-    hidden_size: int = 2_816
-    num_hidden_layers: int = 30
-    num_attention_heads: int = 16
-    num_key_value_heads: int = 8  # sliding layers
-    head_dim: int = 256  # sliding layers
-    num_global_key_value_heads: int = 2  # full layers (K=V)
-    global_head_dim: int = 512  # full layers
-    intermediate_size: int = 2_112  # dense MLP
-    num_experts: int = 128
-    top_k_experts: int = 8
-    moe_intermediate_size: int = 704
-    sliding_window: int = 1_024
-    canvas_length: int = 256
-    max_position_embeddings: int = 262_144
-
-
-REAL = Shape()
+REAL = ModelSpec(vocab_size=262_144, hidden_size=2_816, intermediate_size=2_112, num_hidden_layers=30,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                 num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                 sliding_window=1_024, canvas_length=256, max_position_embeddings=262_144)
 
 
 def layer_types(layers: int) -> list[str]:
@@ -58,26 +43,11 @@ def layer_types(layers: int) -> list[str]:
     return kinds
 
 
-def real_config(layers: int = REAL.num_hidden_layers, shape: Shape = REAL):
-    """A ``DiffusionGemmaConfig`` of ``shape`` with ``layers`` layers (a token-sized vision tower:
-    dgserve serves text only)."""
-    from transformers import DiffusionGemmaConfig
-
+def real_config(layers: int = REAL.num_hidden_layers, shape: ModelSpec = REAL):
+    """A ``DiffusionGemmaConfig`` of ``shape`` with ``layers`` layers."""
     if layers < 1:
         raise ValueError("layers must be at least 1")
-    text = dict(
-        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
-        global_head_dim=shape.global_head_dim, num_global_key_value_heads=shape.num_global_key_value_heads,
-        num_experts=shape.num_experts, top_k_experts=shape.top_k_experts,
-        moe_intermediate_size=shape.moe_intermediate_size, sliding_window=shape.sliding_window,
-        layer_types=layer_types(layers), max_position_embeddings=shape.max_position_embeddings,
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
-    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=1, num_key_value_heads=1, head_dim=16, global_head_dim=16)
-    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=shape.canvas_length,
-                                pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID)
+    return build_config(replace(shape, num_hidden_layers=layers), layer_types(layers))
 
 
 def real_generation_config(max_new_tokens: int = 1024):
@@ -110,7 +80,7 @@ def write_padded_tokenizer(out: Path, vocab_size: int = REAL.vocab_size, source:
     return out
 
 
-def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: Shape = REAL, device: str = "cpu"):
+def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: ModelSpec = REAL, device: str = "cpu"):
     """A randomly initialised ``DiffusionGemmaForBlockDiffusion`` of ``shape`` on ``device``, in eval mode."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -138,7 +108,7 @@ def build_model(layers: int = 1, dtype: str = "float32", seed: int = 0, shape: S
 
 
 def write_checkpoint(out: Path, layers: int = 1, dtype: str = "bfloat16", seed: int = 0,
-                     config_only: bool = False, shape: Shape = REAL) -> Path:
+                     config_only: bool = False, shape: ModelSpec = REAL) -> Path:
     """A checkpoint directory of ``shape``: config, generation config, padded tokenizer and,
     unless ``config_only``, random weights."""
     out = Path(out)
@@ -154,7 +124,7 @@ def write_checkpoint(out: Path, layers: int = 1, dtype: str = "bfloat16", seed: 
 
 
 def load_real_shape(layers: int = 1, dtype: str = "float32", seed: int = 0, tokenizer_dir: Path | None = None,
-                    shape: Shape = REAL, device: str = "cpu"):
+                    shape: ModelSpec = REAL, device: str = "cpu"):
     """(model, tokenizer) at ``shape`` (the real one by default), built in memory (the tokenizer is
     written to ``tokenizer_dir``, a temporary directory when None)."""
     import tempfile

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import tasks
 from .transformers_compat import cache_kwarg
-from .architecture import MICRO, TinySpec, build_config
+from .architecture import MICRO, ModelSpec, build_config
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
 
 SOFTCAP = 30.0
@@ -204,7 +204,7 @@ def batches(tokenizer, batch_size: int, seed: int, bucket: int = 1):
         yield from group
 
 
-def train(out: Path | None, spec: TinySpec, steps: int, batch_size: int, lr: float, seed: int,
+def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: float, seed: int,
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
           log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
           implementation: str = "eager", noise_draws: int = 1,
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="attention/experts implementation while training")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    spec = MICRO if a.micro else TinySpec()
+    spec = MICRO if a.micro else ModelSpec()
     if a.canvas_length is not None:
         from dataclasses import replace
 

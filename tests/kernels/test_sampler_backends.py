@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import sampler
-from kernels.sampler import ops, sampler_step, select_backend
+from kernels.dispatch import ops, sampler_step, select_backend
 
 BACKENDS = ["chunked", "triton"]
 CASES = [(4, 256, 1000), (1, 2, 262144)]  # odd vocabulary at full canvas; the real vocabulary, thin

@@ -30,4 +30,6 @@ def test_bf16_export_casts_every_tensor(tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
         assert not any("self_conditioning" in k or "vision" in k for k in f.keys())
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config["architectures"] == ["Gemma4ForCausalLM"]  # what vLLM picks the model class by

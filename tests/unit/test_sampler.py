@@ -2,7 +2,8 @@ import math
 
 import torch
 
-from kernels.sampler import entropy_bound_accept, sampler_step, token_entropy
+from kernels.dispatch import sampler_step
+from kernels.sampler import entropy_bound_accept, token_entropy
 
 
 def two_way_logits(p: float) -> list[float]:
