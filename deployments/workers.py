@@ -189,7 +189,7 @@ class VerifierDeployment:
         return await self.ar.next_token(prompt)
 
     async def verify(self, prompt: list[int], draft: list[int]):
-        """One forward over ``prompt + draft``: a :class:`models.speculative.Verification`."""
+        """One forward over ``prompt + draft``: a :class:`models.acceptance.Verification`."""
         return await self.ar.verify(prompt, draft)
 
     def check_health(self) -> None:

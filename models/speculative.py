@@ -42,6 +42,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 import torch
 
+from .acceptance import Verification, greedy_acceptance, sampled_acceptance
 from .deadline import past
 from .drafter import DiffusionDrafter, DraftRow, DraftSettings, PinFirst
 from .verifier import MIN_TEMPERATURE, ARVerifier, DiffusionCausalLM
@@ -63,12 +64,6 @@ class SpeculativeResult:
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted) / max(1, len(self.accepted))
-
-
-@dataclass(frozen=True)
-class Verification:
-    accepted: int  # length of the accepted draft prefix
-    correction: int | None  # the verifier's greedy token right after the accepted prefix
 
 
 class RoundVerifier(Protocol):
@@ -172,12 +167,10 @@ class SpeculativeDecoder:
         sampled = temperature >= MIN_TEMPERATURE
         gen = torch.Generator().manual_seed(seed) if sampled else None
 
-        def draw(row_logits: torch.Tensor, exclude: int | None = None) -> int:
+        def draw(row_logits: torch.Tensor) -> int:
             if not sampled:
                 return int(row_logits.argmax())
             p = torch.softmax(row_logits.float().cpu() / temperature, -1)
-            if exclude is not None:
-                p[exclude] = 0.0
             return int(torch.multinomial(p, 1, generator=gen))
 
         nxt = draw(logits[0, -1])
@@ -204,22 +197,12 @@ class SpeculativeDecoder:
             x = torch.tensor([canvas], device=dev)
             vlog = lm.logits(x, torch.ones(1, cur + len(canvas), dtype=torch.bool, device=dev), cur, vcache)[0]
             forwards += 1
+            # canvas[0] is the verifier's own token; vlog[i] scores what follows canvas[: i + 1]
             if sampled:
-                k, correction = 1, None
-                while k < len(canvas):
-                    p = torch.softmax(vlog[k - 1].float().cpu() / temperature, -1)
-                    if float(torch.rand((), generator=gen)) >= float(p[canvas[k]]):
-                        correction = draw(vlog[k - 1], exclude=canvas[k])
-                        break
-                    k += 1
-                if correction is None:
-                    correction = draw(vlog[k - 1])
+                v = sampled_acceptance(canvas[1:], vlog, temperature, gen)
             else:
-                greedy_after = vlog.argmax(-1).tolist()  # AR's token after prefix + canvas[: i + 1]
-                k = 1
-                while k < len(canvas) and canvas[k] == greedy_after[k - 1]:
-                    k += 1
-                correction = greedy_after[k - 1]
+                v = greedy_acceptance(canvas[1:], vlog.argmax(-1).tolist())
+            k, correction = 1 + v.accepted, v.correction
             keep = canvas[:k]
             if len(canvas) > k:
                 vcache.crop(-(len(canvas) - k))

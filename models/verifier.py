@@ -7,10 +7,8 @@ Two weight sources behind one :class:`CausalLM` interface:
 * :class:`TransformersCausalLM`: a separate transformers causal LM checkpoint (for instance the
   same weights exported as ``Gemma4ForCausalLM`` by ``models.export_ar``).
 
-Verification rule (one forward over ``prefix + draft``): with ``g_i`` the greedy token after
-``prefix + draft[:i]``, the accepted length is the largest ``k`` with ``draft[:k] == g[:k]`` and the
-next token is ``g_k``: the correction where the draft first disagrees, or the bonus token after a
-fully accepted draft. Example: draft ``[5, 9, 4]``, greedy ``[5, 9, 7, 2]`` -> ``(2, 7)``.
+Verification: one forward over ``prefix + draft`` gives the greedy token after every
+``prefix + draft[:i]``; ``models/acceptance.py`` holds the rule (accepted prefix + correction).
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from .acceptance import greedy_acceptance
 from .deadline import past
 from .transformers_compat import cache_kwarg
 
@@ -243,12 +242,10 @@ class ARVerifier:
         return logits[len(prefix_ids) - 1:].argmax(-1).tolist()
 
     def verify(self, prefix_ids: Sequence[int], draft_ids: Sequence[int]) -> tuple[int, int]:
-        """``(accepted_len, next_token)`` for ``draft_ids`` after ``prefix_ids`` (see module doc)."""
-        greedy = self.greedy_after(prefix_ids, draft_ids)
-        k = 0
-        while k < len(draft_ids) and draft_ids[k] == greedy[k]:
-            k += 1
-        return k, greedy[k]
+        """``(accepted_len, next_token)`` for ``draft_ids`` after ``prefix_ids`` (the rule of
+        ``models/acceptance.py``)."""
+        v = greedy_acceptance(list(draft_ids), self.greedy_after(prefix_ids, draft_ids))
+        return v.accepted, v.correction
 
 
 def _check_budget(n: int) -> None:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-from .speculative import Verification
+from .acceptance import Verification, greedy_acceptance
 
 _ids = itertools.count()
 
@@ -204,13 +204,8 @@ class VLLMCausal(_Engine):
         async for out in self.engine.generate({"prompt_token_ids": seq}, params, f"dgserve-v{next(_ids)}"):
             pass
         lps = out.prompt_logprobs  # [len(seq)]: None, then {token: Logprob(rank=...)} per position
-        for i, tok in enumerate(draft):
-            pos = len(prompt) + i
-            greedy = _top1(lps[pos])
-            if greedy != tok:
-                return Verification(i, greedy)
-        after = out.outputs[0].token_ids
-        return Verification(len(draft), after[0] if after else None)
+        greedy = [_top1(lps[len(prompt) + i]) for i in range(len(draft))] + list(out.outputs[0].token_ids[:1])
+        return greedy_acceptance(list(draft), greedy)
 
 
 def _top1(position_logprobs: dict) -> int:

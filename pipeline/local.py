@@ -400,7 +400,7 @@ class LocalAR:
         return (await self.verify(prompt, [])).correction
 
     async def verify(self, prompt: Sequence[int], draft: Sequence[int]):
-        from models.speculative import Verification
+        from models.acceptance import Verification
 
         accepted, nxt = await asyncio.to_thread(self.verifier.verify, list(prompt), list(draft))
         return Verification(accepted, nxt)

@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from models.speculative import Verification, speculate_rounds as speculate
+from models.acceptance import Verification
+from models.speculative import speculate_rounds as speculate
 from pipeline.engines import EngineDrafter
 from pipeline.errors import BadRequest
 from pipeline.interfaces import Job

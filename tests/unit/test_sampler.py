@@ -55,3 +55,20 @@ def test_second_position_is_accepted_when_the_first_is_confident():
     logits = torch.tensor([[two_way_logits(0.999), [0.0, 0.0, 0.0, 0.0]]])
     st = sampler_step(logits, torch.tensor([[3, 3]]), 0.1, seed=0)
     assert st.accepted.tolist() == [[True, True]]
+
+
+def test_the_acceptance_rule_worked_examples():
+    import torch
+
+    from models.acceptance import Verification, greedy_acceptance, sampled_acceptance
+
+    assert greedy_acceptance([5, 9, 4], [5, 9, 7, 2]) == Verification(2, 7)
+    assert greedy_acceptance([5, 9], [5, 9, 3]) == Verification(2, 3)  # bonus token
+    assert greedy_acceptance([5, 9], [5, 9]) == Verification(2, None)  # none known after the draft
+    assert greedy_acceptance([], [8]) == Verification(0, 8)
+    # sampled: a token the verifier is sure of is always kept; one it rules out never is
+    sure = torch.full((3, 4), -1e9)
+    sure[0, 2] = sure[1, 1] = sure[2, 3] = 0.0
+    gen = torch.Generator().manual_seed(0)
+    assert sampled_acceptance([2, 1], sure, 1.0, gen) == Verification(2, 3)
+    assert sampled_acceptance([0, 1], sure, 1.0, gen) == Verification(0, 2)
