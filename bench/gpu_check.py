@@ -107,7 +107,6 @@ def env(a) -> dict:
 
 
 def transformers_drafter(a) -> dict:
-    import torch
 
     from models.drafter import DiffusionDrafter, DraftSettings
     from models.real_shape import load_real_shape
@@ -208,7 +207,11 @@ async def _build(cls, settings):
 
 def vllm_ar(a) -> dict:
     from models.export_ar import gemma4_text_config
-    from models.real_shape import real_config, real_generation_config, write_padded_tokenizer
+    from models.real_shape import (
+        real_config,
+        real_generation_config,
+        write_padded_tokenizer,
+    )
     from models.vllm_backend import VLLMCausal
 
     ckpt = Path(tempfile.mkdtemp(prefix="dg-real-ar-"))

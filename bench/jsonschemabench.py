@@ -36,20 +36,14 @@ def in_process_sender(threads: int = 2):
     import torch
 
     from models.drafter import DiffusionDrafter
-    from models.grammar import GrammarEngine
-    from models.speculative import SpeculativeDecoder
-    from models.tokenizer import EOS_ID, PAD_ID
     from models.verifier import ARVerifier
+    from pipeline.assemble import local_pipeline
     from pipeline.gateway import Gateway
-    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-    from pipeline.orchestrator import Pipeline
 
     torch.set_num_threads(threads)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    grammar = GrammarEngine(drafter.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    gw = Gateway(Pipeline(LocalDrafter(drafter, SpeculativeDecoder(drafter, ar), grammar), LocalAR(ar, grammar),
-                          LocalValidator()), "dgserve-tiny")
+    gw = Gateway(local_pipeline(drafter, ar), "dgserve-tiny")
     loop = asyncio.new_event_loop()
 
     def send(body: dict) -> tuple[int, dict]:

@@ -63,14 +63,13 @@ def in_process_gateway():
 
     from models.drafter import DiffusionDrafter
     from models.verifier import ARVerifier
+    from pipeline.assemble import local_pipeline
     from pipeline.gateway import Gateway
-    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-    from pipeline.orchestrator import Pipeline
 
     torch.set_num_threads(1)  # as in the drafter replica (torch_threads: 1)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    return Gateway(Pipeline(LocalDrafter(drafter), LocalAR(ar), LocalValidator()), "dgserve-tiny")
+    return Gateway(local_pipeline(drafter, ar), "dgserve-tiny")
 
 
 def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:

@@ -129,19 +129,15 @@ def in_process_gateway(max_tokens: int = 64):
     """The app's structured path without Ray: the committed checkpoint's drafter (canvas-guided)
     and same-weights AR (grammar-constrained), the default validators."""
     from models.drafter import DiffusionDrafter
-    from models.grammar import GrammarEngine
     from models.loading import load_diffusion_model
-    from models.tokenizer import EOS_ID, PAD_ID
     from models.verifier import ARVerifier
+    from pipeline.assemble import local_pipeline
     from pipeline.gateway import Gateway, Limits
-    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-    from pipeline.orchestrator import Pipeline
 
     model, tokenizer = load_diffusion_model(None, device="cpu", dtype="float32")
     drafter = DiffusionDrafter(model, tokenizer)
     verifier = ARVerifier.from_diffusion_model(model, tokenizer)
-    grammar = GrammarEngine(tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(verifier, grammar), LocalValidator())
+    pipe = local_pipeline(drafter, verifier)
     return Gateway(pipe, "dgserve-tiny", Limits(max_tokens=max_tokens, default_max_tokens=max_tokens))
 
 

@@ -18,12 +18,10 @@ import torch
 from models import tasks
 from models.drafter import DiffusionDrafter
 from models.evaluate import schema_valid
-from models.grammar import GrammarEngine
-from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
+from models.tokenizer import encode_prompt
 from models.verifier import ARVerifier
+from pipeline.assemble import local_pipeline
 from pipeline.interfaces import Constraint, Job
-from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-from pipeline.orchestrator import Pipeline
 from pipeline.router import RouteDecision
 
 
@@ -37,8 +35,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
     drafter = DiffusionDrafter.from_pretrained()
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    grammar = GrammarEngine(drafter.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(ar, grammar), LocalValidator())
+    pipe = local_pipeline(drafter, ar)
+    grammar = pipe.ar.grammar
     exs = list(tasks.examples("eval", a.seed, a.n, kind="json"))
     rows: dict[str, dict] = {}
 

@@ -43,16 +43,14 @@ def main() -> None:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     from models.drafter import DiffusionDrafter
-    from models.grammar import GrammarEngine
-    from models.tokenizer import EOS_ID, PAD_ID
     from models.verifier import ARVerifier
+    from pipeline.assemble import local_pipeline
     from pipeline.gateway import Gateway
-    from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-    from pipeline.orchestrator import Pipeline
-    from models.speculative import SpeculativeDecoder
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -61,9 +59,7 @@ def main() -> None:
 
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    grammar = GrammarEngine(ar.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    pipe = Pipeline(LocalDrafter(drafter, SpeculativeDecoder(drafter, ar), grammar), LocalAR(ar, grammar),
-                    LocalValidator())
+    pipe = local_pipeline(drafter, ar)
     gw = Gateway(pipe, "dgserve-tiny")
     reply = asyncio.run(gw.chat(json.dumps(body(args.kind)).encode(),
                                 {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}))

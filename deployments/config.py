@@ -58,6 +58,15 @@ class ModelArgs(_Strict):
     backend: Literal["transformers", "vllm"] = "transformers"  # vllm: the GPU production engines
     vllm: VLLMArgs = VLLMArgs()
 
+    def wiring(self, structured: "StructuredArgs"):
+        """The role choices for ``pipeline.assemble`` (imported here only when asked for)."""
+        from pipeline.assemble import Wiring
+
+        return Wiring(canvas_guidance=structured.canvas_guidance,
+                      grammar_compile_timeout_s=structured.grammar_compile_timeout_s,
+                      verify_draft_steps=getattr(self, "verify_draft_steps", None),
+                      verify_draft_width=getattr(self, "verify_draft_width", None))
+
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle for ``models.vllm_backend`` (imported here only when asked for)."""
         from models.vllm_backend import VLLMSettings
@@ -127,6 +136,12 @@ class VerifierArgs(ModelArgs):
 class ValidatorArgs(_Strict):
     replica: ReplicaArgs = ReplicaArgs(num_cpus=0.1, max_ongoing_requests=64)
     validators: dict[str, str] = Field(default_factory=dict)  # kind -> "package.module:Class"
+
+    def registry(self):
+        """The default validators plus the configured ones (``pipeline.validation``)."""
+        from pipeline.validation import default_registry, load_validator_factory
+
+        return default_registry({k: load_validator_factory(v) for k, v in self.validators.items()})
 
 
 class RouterArgs(_Strict):

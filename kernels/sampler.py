@@ -37,6 +37,7 @@ import torch
 
 from . import rng
 
+
 @dataclass(frozen=True)
 class PositionStats:
     argmax: torch.Tensor  # [batch, canvas] long

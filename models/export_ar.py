@@ -85,7 +85,12 @@ def export(src: Path, out: Path, dtype: str = "auto", shard_bytes: int = 4 << 30
     names that do not match."""
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoTokenizer, Gemma4ForCausalLM, GenerationConfig
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        Gemma4ForCausalLM,
+        GenerationConfig,
+    )
 
     src, out = Path(src), Path(out)
     config = gemma4_text_config(AutoConfig.from_pretrained(str(src)))

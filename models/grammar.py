@@ -26,8 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-SUPPORTED = ("json_schema", "json_object", "regex")
-
+from .constraints import GRAMMAR_KINDS, ConstraintKind
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
@@ -105,17 +104,17 @@ class GrammarEngine:
 
     @staticmethod
     def supports(kind: str) -> bool:
-        return kind in SUPPORTED
+        return kind in GRAMMAR_KINDS
 
     def _compile_now(self, kind: str, spec: Any):
-        if kind == "json_schema":
+        if kind == ConstraintKind.JSON_SCHEMA:
             spec = tighten_schema(spec)
             return self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True,
                                                      separators=(",", ":"))
-        if kind == "json_object":
+        if kind == ConstraintKind.JSON_OBJECT:
             return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False,
                                                      separators=(",", ":"))
-        if kind == "regex":
+        if kind == ConstraintKind.REGEX:
             return self.compiler.compile_regex(spec)
         raise GrammarError(f"no grammar for constraint kind {kind!r}")
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from .architecture import ModelSpec, build_config
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-
 REAL = ModelSpec(vocab_size=262_144, hidden_size=2_816, intermediate_size=2_112, num_hidden_layers=30,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
                  num_global_key_value_heads=2, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
@@ -54,7 +53,9 @@ def real_generation_config(max_new_tokens: int = 1024):
     """The published sampler settings: 48 steps, entropy bound 0.1, t 0.4-0.8, stability 1,
     confidence 0.005."""
     from transformers import DiffusionGemmaGenerationConfig
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSamplerConfig,
+    )
 
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=max_new_tokens, max_denoising_steps=48,

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .transformers_compat import cache_kwarg
 from .architecture import MICRO, ModelSpec, build_config
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
+from .transformers_compat import cache_kwarg
 
 SOFTCAP = 30.0
 
@@ -170,7 +170,9 @@ CONFIDENCE_THRESHOLD = 0.05
 def default_generation_config(max_new_tokens: int = 256, confidence_threshold: float = CONFIDENCE_THRESHOLD):
     """The checkpoint's sampler operating point (docs/tiny-checkpoint.md: the sampler sweep)."""
     from transformers import DiffusionGemmaGenerationConfig
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+        EntropyBoundSamplerConfig,
+    )
 
     return DiffusionGemmaGenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -216,8 +218,8 @@ def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: fl
     ``eager`` (eager attention and experts: about 10% faster at this size on CPU).
     Returns ``(model, tokenizer, losses)``.
     """
-    from transformers import DiffusionGemmaForBlockDiffusion
     from tqdm import tqdm
+    from transformers import DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

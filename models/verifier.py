@@ -120,7 +120,11 @@ class ARVerifier:
                         dtype: str = "auto") -> "ARVerifier":
         """``source="diffusion"``: a DiffusionGemma checkpoint decoded through its encoder;
         ``source="causal"``: a separate causal LM checkpoint."""
-        from .loading import DEFAULT_AR_CHECKPOINT, load_causal_model, load_diffusion_model
+        from .loading import (
+            DEFAULT_AR_CHECKPOINT,
+            load_causal_model,
+            load_diffusion_model,
+        )
 
         if source == "diffusion":
             model, tokenizer = load_diffusion_model(path, device, dtype)

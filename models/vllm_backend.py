@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from .acceptance import Verification, greedy_acceptance
+from .constraints import ConstraintKind
 
 _ids = itertools.count()
 
@@ -106,11 +107,11 @@ def _structured(kind: str | None, spec: Any):
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    if kind == "json_schema":
+    if kind == ConstraintKind.JSON_SCHEMA:
         return StructuredOutputsParams(json=spec)
-    if kind == "json_object":
+    if kind == ConstraintKind.JSON_OBJECT:
         return StructuredOutputsParams(json_object=True)
-    if kind == "regex":
+    if kind == ConstraintKind.REGEX:
         return StructuredOutputsParams(regex=spec)
     return None  # a validator-only constraint (e.g. sudoku): decode freely, validation decides
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.constraints import ConstraintKind
+
 Route = Literal["auto", "ar", "diffusion", "verify"]
 
 
@@ -69,11 +71,11 @@ class ResponseFormat(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ResponseFormat":
-        if self.type == "json_schema" and self.json_schema is None:
+        if self.type == ConstraintKind.JSON_SCHEMA and self.json_schema is None:
             raise ValueError("response_format of type json_schema needs a json_schema object")
-        if self.type == "regex" and self.regex is None:
+        if self.type == ConstraintKind.REGEX and self.regex is None:
             raise ValueError("response_format of type regex needs a regex object with a pattern")
-        if self.type == "sudoku" and self.sudoku is None:
+        if self.type == ConstraintKind.SUDOKU and self.sudoku is None:
             raise ValueError("response_format of type sudoku needs a sudoku object with a puzzle")
         return self
 

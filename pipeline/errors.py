@@ -16,6 +16,16 @@ class PipelineError(Exception):
         self.retry_after = retry_after
 
 
+class HTTPStatusError(PipelineError):
+    """A status the web framework decided (an unknown path: 404, a wrong method: 405)."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class BadRequest(PipelineError):
     status = 400
     type = "invalid_request_error"

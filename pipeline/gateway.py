@@ -43,7 +43,7 @@ from .errors import (
     PipelineError,
     Unauthorized,
 )
-from .interfaces import Constraint, Job
+from .interfaces import Constraint, ConstraintKind, Job
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
 from .telemetry import Metrics, NoMetrics, RequestObservation
@@ -69,6 +69,7 @@ class Reply:
 
 
 def error_reply(err: PipelineError) -> Reply:
+    """The one builder of an error answer (HTTP bodies, SSE error frames, the ingress' own)."""
     body = ErrorResponse(error=ErrorBody(message=err.message, type=err.type, param=err.param, code=err.code))
     headers = {}
     if err.retry_after is not None:
@@ -105,13 +106,15 @@ def json_depth(raw: bytes) -> int:
 def _constraint(fmt) -> Constraint | None:
     if fmt is None or not fmt.structured:
         return None
-    if fmt.type == "json_schema":
-        return Constraint("json_schema", fmt.json_schema.schema_)
-    if fmt.type == "regex":
-        return Constraint("regex", fmt.regex.pattern)
-    if fmt.type == "sudoku":
-        return Constraint("sudoku", fmt.sudoku.puzzle)
-    return Constraint(fmt.type, None)
+    if fmt.type == ConstraintKind.JSON_SCHEMA:
+        return Constraint(ConstraintKind.JSON_SCHEMA, fmt.json_schema.schema_)
+    if fmt.type == ConstraintKind.REGEX:
+        return Constraint(ConstraintKind.REGEX, fmt.regex.pattern)
+    if fmt.type == ConstraintKind.SUDOKU:
+        return Constraint(ConstraintKind.SUDOKU, fmt.sudoku.puzzle)
+    if fmt.type == ConstraintKind.JSON_OBJECT:
+        return Constraint(ConstraintKind.JSON_OBJECT, None)
+    return Constraint(fmt.type, None)  # a custom validator's kind
 
 
 class _Slot:
@@ -405,8 +408,7 @@ class Gateway:
             yield f"data: {json.dumps(error_reply(e).body)}\n\n".encode()
         except Exception as e:
             record.close(500, error=PipelineError(f"internal error while streaming ({type(e).__name__})"))
-            body = ErrorResponse(error=ErrorBody(message="internal error while streaming", type="server_error"))
-            yield f"data: {json.dumps(body.model_dump())}\n\n".encode()
+            yield f"data: {json.dumps(error_reply(PipelineError('internal error while streaming')).body)}\n\n".encode()
         finally:  # (a close here: the client went away mid-stream)
             record.close(499)
             slot.release()

@@ -17,7 +17,9 @@ import itertools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator, Sequence
+
+from .interfaces import Job
 
 
 @dataclass
@@ -102,3 +104,19 @@ async def watch(status: Callable[[], Awaitable[WorkStatus]], health: DrafterHeal
         except Exception:
             pass
         await asyncio.sleep(period_s)
+
+
+def tracked(work: WorkTracker, deadline: float | None, fn: Callable) -> Callable:
+    """``fn`` registered with ``work`` while it runs (in its worker thread, so a call whose awaiting
+    coroutine was cancelled still counts until the model loop really returns)."""
+
+    def run(*args):
+        with work.track(deadline):
+            return fn(*args)
+
+    return run
+
+
+def batch_deadline(jobs: Sequence[Job]) -> float | None:
+    """A batch runs until its last row's deadline at most (rows leave at their own)."""
+    return None if any(j.deadline is None for j in jobs) else max(j.deadline for j in jobs)

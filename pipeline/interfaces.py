@@ -18,10 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
+from models.constraints import (
+    ConstraintKind as ConstraintKind,  # the closed set, with the models that compile it
+)
+
 
 @dataclass(frozen=True)
 class Constraint:
-    kind: str  # "json_schema" | "json_object" | "regex" | a registered validator name
+    kind: ConstraintKind | str  # a ConstraintKind, or the name a custom validator registered
     spec: Any = None  # the schema dict, the pattern string, the puzzle, ...
 
 

@@ -15,10 +15,24 @@ from opentelemetry.trace import SpanKind
 from models.deadline import past
 
 from . import telemetry
-from .errors import DeadlineExceeded, OutputInvalid, Overloaded, PipelineError, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    OutputInvalid,
+    Overloaded,
+    PipelineError,
+    Unavailable,
+)
 from .health import DrafterHealth
-from .interfaces import ARService, DraftService, Job, TextChunk, TextResult, ValidationService
+from .interfaces import (
+    ARService,
+    DraftService,
+    Job,
+    TextChunk,
+    TextResult,
+    ValidationService,
+)
 from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
+from .streaming import StopScanner, cut_at_stop
 
 
 @dataclass(frozen=True)
@@ -26,38 +40,6 @@ class Outcome:
     result: TextResult
     decision: RouteDecision
     stats: dict = field(default_factory=dict)
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Cut ``text`` before the earliest stop sequence; True when one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-class StopScanner:
-    """Streams text while holding back the tail that could still grow into a stop sequence."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.buffer = ""
-        self.stopped = False
-
-    def push(self, piece: str) -> str:
-        self.buffer += piece
-        text, hit = cut_at_stop(self.buffer, self.stops)
-        if hit:
-            self.stopped, self.buffer = True, ""
-            return text
-        if self.hold == 0:
-            out, self.buffer = self.buffer, ""
-            return out
-        out, self.buffer = self.buffer[: -self.hold], self.buffer[-self.hold:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,9 @@ def configure_tracing(component: str) -> str:
                         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf")
             if protocol != "http/protobuf":
                 raise ValueError(f"OTLP protocol {protocol!r} is not supported; use http/protobuf")
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter,
+            )
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         else:

@@ -12,7 +12,8 @@ import json
 from functools import lru_cache
 from typing import Any, Callable, Protocol
 
-from .interfaces import Constraint, Verdict
+from . import telemetry
+from .interfaces import Constraint, ConstraintKind, Verdict
 from .json_spans import value_spans
 
 
@@ -457,10 +458,10 @@ class ValidatorRegistry:
 
 def default_registry(extra: dict[str, Callable[[], Validator]] | None = None) -> ValidatorRegistry:
     reg = ValidatorRegistry()
-    reg.register("json_schema", JsonSchemaValidator())
-    reg.register("json_object", JsonObjectValidator())
-    reg.register("regex", RegexValidator())
-    reg.register("sudoku", SudokuValidator())
+    reg.register(ConstraintKind.JSON_SCHEMA, JsonSchemaValidator())
+    reg.register(ConstraintKind.JSON_OBJECT, JsonObjectValidator())
+    reg.register(ConstraintKind.REGEX, RegexValidator())
+    reg.register(ConstraintKind.SUDOKU, SudokuValidator())
     for name, factory in (extra or {}).items():
         reg.register(name, factory())
     return reg
@@ -474,3 +475,19 @@ def load_validator_factory(dotted: str) -> Callable[[], Validator]:
     if not module or not attr:
         raise ValueError(f"validator path must look like 'package.module:Name', got {dotted!r}")
     return getattr(importlib.import_module(module), attr)
+
+
+class RegistryValidator:
+    """``ValidationService`` over a :class:`ValidatorRegistry` (what the Validator replica serves)."""
+
+    def __init__(self, registry: ValidatorRegistry | None = None):
+        self.registry = registry or default_registry()
+
+    async def validate(self, constraint, text, trace=None):
+        with telemetry.span("validator.validate", trace, attrs={"dgserve.constraint": constraint.kind}) as sp:
+            verdict = self.registry.validate(constraint, text)
+            telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok,
+                                      "dgserve.validation.errors": len(verdict.errors)})
+            if verdict.errors:
+                sp.set_attribute("dgserve.validation.first_error", verdict.errors[0][:200])
+            return verdict

@@ -7,7 +7,7 @@ import pytest
 
 from models.acceptance import Verification
 from models.speculative import speculate_rounds as speculate
-from pipeline.engines import EngineDrafter
+from pipeline.backends.vllm import VLLMDrafter
 from pipeline.errors import BadRequest
 from pipeline.interfaces import Job
 
@@ -85,7 +85,7 @@ def test_speculative_rounds_return_exactly_the_greedy_answer(good, budget):
 
 def test_engine_drafter_streams_verified_rounds_and_refuses_verify_without_a_verifier():
     job = Job(messages=(("user", "hello there"),), prompt=None, max_tokens=40, temperature=0.0)
-    drafter = EngineDrafter(StandInDrafter(4), Tok(), GreedyVerifier(), verify_width=8)
+    drafter = VLLMDrafter(StandInDrafter(4), Tok(), GreedyVerifier(), verify_width=8)
 
     async def collect():
         return [c async for c in drafter.speculate_stream(job)]
@@ -97,7 +97,7 @@ def test_engine_drafter_streams_verified_rounds_and_refuses_verify_without_a_ver
     whole = asyncio.run(drafter.speculate(job))
     assert whole.text == final.text and whole.completion_tokens == final.completion_tokens
     assert whole.stats["drafts"] == final.stats["drafts"] and whole.stats["mean_accepted"] >= 1
-    lone = EngineDrafter(StandInDrafter(4), Tok(), None)
+    lone = VLLMDrafter(StandInDrafter(4), Tok(), None)
     with pytest.raises(BadRequest, match="verify route"):
         asyncio.run(lone.speculate(job))
     with pytest.raises(BadRequest, match="greedy only"):

@@ -5,17 +5,13 @@ import json
 
 import pytest
 
-from models.grammar import GrammarEngine
-from models.tokenizer import EOS_ID, PAD_ID
+from pipeline.assemble import local_pipeline
 from pipeline.gateway import Gateway, Limits
-from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-from pipeline.orchestrator import Pipeline
 
 
 @pytest.fixture(scope="module")
 def gateway(drafter, verifier):
-    grammar = GrammarEngine(verifier.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(verifier, grammar), LocalValidator())
+    pipe = local_pipeline(drafter, verifier)
     return Gateway(pipe, "dgserve-tiny", Limits(max_tokens=64, default_max_tokens=32, max_prompt_chars=500))
 
 

@@ -10,12 +10,11 @@ import pytest
 
 from models.grammar import GrammarEngine
 from models.tokenizer import EOS_ID, PAD_ID
+from pipeline.assemble import local_pipeline
 from pipeline.errors import DeadlineExceeded
 from pipeline.gateway import MAX_BODY_DEPTH, Gateway, Limits, json_depth
 from pipeline.health import DrafterHealth, WorkTracker, watch
 from pipeline.interfaces import Constraint, Job
-from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-from pipeline.orchestrator import Pipeline
 from pipeline.router import RequestShape
 from pipeline.validation import ConstraintError, check_finite
 
@@ -29,9 +28,8 @@ def grammar(drafter, verifier):
 
 
 @pytest.fixture(scope="module")
-def gateway(drafter, verifier, grammar):
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(verifier, grammar), LocalValidator())
-    return Gateway(pipe, "dgserve-tiny", Limits(max_tokens=64, default_max_tokens=32))
+def gateway(drafter, verifier):
+    return Gateway(local_pipeline(drafter, verifier), "dgserve-tiny", Limits(max_tokens=64, default_max_tokens=32))
 
 
 def chat_raw(schema_text: str) -> bytes:
@@ -115,8 +113,8 @@ def test_a_draft_past_its_deadline_leaves_the_batch_at_the_next_step(drafter, ve
     assert g.expired and g.token_ids == ()
 
 
-def test_no_stage_starts_after_the_deadline(drafter, verifier, grammar):
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(verifier, grammar), LocalValidator())
+def test_no_stage_starts_after_the_deadline(drafter, verifier):
+    pipe = local_pipeline(drafter, verifier)
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     job = Job(messages=(("user", "Extract the name as JSON."),), prompt=None, max_tokens=32,
               constraint=Constraint("json_schema", schema), deadline=time.time() + 0.05)
@@ -150,11 +148,10 @@ def test_work_stuck_past_its_deadline_is_reported_and_fails_the_health_check():
     work.check()
 
 
-def test_the_breaker_takes_a_stuck_drafter_out_of_rotation(drafter, verifier, grammar):
+def test_the_breaker_takes_a_stuck_drafter_out_of_rotation(drafter, verifier):
     work = WorkTracker(grace_s=0.0)
     health = DrafterHealth(cooldown_s=60)
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar, work=work), LocalAR(verifier, grammar),
-                    LocalValidator(), health=health)
+    pipe = local_pipeline(drafter, verifier, health=health, work=work)
     gateway = Gateway(pipe, "dgserve-tiny")
 
     async def scenario():

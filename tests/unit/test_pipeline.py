@@ -7,15 +7,14 @@ import pytest
 from jsonschema.validators import validator_for
 
 from models import tasks
-from models.grammar import GrammarEngine
-from models.speculative import SpeculativeDecoder
-from models.tokenizer import EOS_ID, PAD_ID
+from pipeline.assemble import transformers_roles
 from pipeline.errors import OutputInvalid
-from pipeline.interfaces import Constraint, Job
-from pipeline.local import LocalAR, LocalDrafter, LocalValidator
 from pipeline.health import DrafterHealth
-from pipeline.orchestrator import Pipeline, StopScanner, StructuredPolicy, cut_at_stop
+from pipeline.interfaces import Constraint, Job
+from pipeline.orchestrator import Pipeline, StructuredPolicy
 from pipeline.router import RequestShape, RouteDecision
+from pipeline.streaming import StopScanner, cut_at_stop
+from pipeline.validation import RegistryValidator
 
 
 class Clock:
@@ -41,9 +40,8 @@ class BrokenDrafter:
 
 @pytest.fixture(scope="module")
 def backends(drafter, verifier):
-    grammar = GrammarEngine(verifier.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    return (LocalDrafter(drafter, SpeculativeDecoder(drafter, verifier), grammar),
-            LocalAR(verifier, grammar), LocalValidator())
+    roles = transformers_roles(drafter, verifier)
+    return roles.drafter, roles.ar, RegistryValidator()
 
 
 def job_for(ex, constraint=True, max_tokens=128):

@@ -46,24 +46,19 @@ def real():
 
 def test_one_real_width_layer_runs_the_whole_pipeline(real):
     from models.drafter import DiffusionDrafter, DraftSettings
-    from models.grammar import GrammarEngine
-    from models.speculative import SpeculativeDecoder
-    from models.tokenizer import EOS_ID, PAD_ID
     from models.verifier import ARVerifier
+    from pipeline.assemble import Wiring, local_pipeline
     from pipeline.interfaces import Constraint, Job
-    from pipeline.local import LocalAR, LocalDrafter, LocalValidator, encode_job
-    from pipeline.orchestrator import Pipeline
     from pipeline.router import RouteDecision
+    from pipeline.tokens import encode_job
 
     model, tokenizer = real
     assert len(tokenizer) == REAL.vocab_size
     # random weights never settle: a fixed step count (confidence that is never reached)
     drafter = DiffusionDrafter(model, tokenizer, DraftSettings(max_steps=1, confidence_threshold=-1.0))
     verifier = ARVerifier.from_diffusion_model(model, tokenizer)
-    grammar = GrammarEngine(tokenizer, drafter.vocab_size, EOS_ID, PAD_ID, compile_timeout_s=30)
-    assert grammar.first_byte.shape[0] == REAL.vocab_size
-    pipe = Pipeline(LocalDrafter(drafter, SpeculativeDecoder(drafter, verifier, 1), grammar),
-                    LocalAR(verifier, grammar), LocalValidator())
+    pipe = local_pipeline(drafter, verifier, Wiring(grammar_compile_timeout_s=30, verify_draft_steps=1))
+    assert pipe.ar.grammar.first_byte.shape[0] == REAL.vocab_size
     job = Job(messages=(("user", "Is Paris a city? Answer as JSON."),), prompt=None, max_tokens=12,
               constraint=Constraint("json_schema", SCHEMA))
     stats: dict = {}

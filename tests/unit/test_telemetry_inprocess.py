@@ -9,12 +9,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from models.grammar import GrammarEngine
-from models.tokenizer import EOS_ID, PAD_ID
 from pipeline import telemetry
+from pipeline.assemble import local_pipeline
 from pipeline.gateway import Gateway, Limits
-from pipeline.local import LocalAR, LocalDrafter, LocalValidator
-from pipeline.orchestrator import Pipeline
 from pipeline.telemetry import MemoryMetrics, RequestObservation, metric_events
 
 PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
@@ -33,8 +30,7 @@ def spans():
 
 @pytest.fixture(scope="module")
 def gateway(drafter, verifier):
-    grammar = GrammarEngine(verifier.tokenizer, drafter.vocab_size, EOS_ID, PAD_ID)
-    pipe = Pipeline(LocalDrafter(drafter, None, grammar), LocalAR(verifier, grammar), LocalValidator())
+    pipe = local_pipeline(drafter, verifier)
     return Gateway(pipe, "dgserve-tiny", Limits(max_tokens=128, default_max_tokens=32), metrics=MemoryMetrics())
 
 

@@ -115,19 +115,20 @@ def test_speculative_with_a_separate_causal_verifier_equals_its_greedy(drafter, 
 
 def test_rounds_against_a_verifier_in_another_service_equal_its_greedy(drafter, tmp_path):
     """The verify route when the verifier is the Verifier deployment: ``draft_canvas`` (prefix
-    encoded afresh per round) + the verifier service's ``next_token``/``verify`` (``LocalAR`` over a
+    encoded afresh per round) + the verifier service's ``next_token``/``verify`` (``TransformersAR`` over a
     separate causal checkpoint, what the deployment wraps), over ``RoundSpeculation``."""
     import asyncio
 
     from models.export_ar import export
     from models.loading import DEFAULT_CHECKPOINT
     from models.verifier import ARVerifier
+    from pipeline.backends.transformers import TransformersAR
     from pipeline.errors import BadRequest
     from pipeline.interfaces import Job
-    from pipeline.local import LocalAR, RoundSpeculation, threaded_draft_canvas
+    from pipeline.speculation import RoundSpeculation, threaded_draft_canvas
 
     other = ARVerifier.from_pretrained(export(DEFAULT_CHECKPOINT, tmp_path / "ar"), source="causal", device="cpu")
-    rounds = RoundSpeculation(drafter.tokenizer, threaded_draft_canvas(drafter), LocalAR(other), drafter.canvas_length)
+    rounds = RoundSpeculation(drafter.tokenizer, threaded_draft_canvas(drafter), TransformersAR(other), drafter.canvas_length)
     for ex in EXAMPLES[:4]:
         job = Job(messages=(("user", ex.instruction),), prompt=None, max_tokens=48)
         want = other.generate([encode_prompt(drafter.tokenizer, ex.instruction)], 48)[0]

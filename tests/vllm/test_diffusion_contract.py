@@ -21,10 +21,12 @@ from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.diffusion import validate_diffusion_sampling_params  # noqa: E402
 
 from models.vllm_backend import DIFFUSION_ARGS, VLLMDiffusion, check_diffusion_support  # noqa: E402
-from pipeline.engines import EngineDrafter  # noqa: E402
+from pipeline.backends.transformers import TransformersAR  # noqa: E402
+from pipeline.backends.vllm import VLLMDrafter  # noqa: E402
 from pipeline.gateway import Gateway  # noqa: E402
-from pipeline.local import LocalAR, LocalValidator, encode_job  # noqa: E402
 from pipeline.orchestrator import Pipeline  # noqa: E402
+from pipeline.tokens import encode_job  # noqa: E402
+from pipeline.validation import RegistryValidator  # noqa: E402
 
 CANVAS, VOCAB = 64, 1024
 DIFFUSION_MODEL = SimpleNamespace(is_diffusion=True)
@@ -92,8 +94,8 @@ def test_every_sampling_params_the_drafter_builds_passes_admission():
 @pytest.fixture(scope="module")
 def engine_pipeline(dg, verifier):
     engine = AdmittingEngine()
-    drafter = EngineDrafter(VLLMDiffusion(engine, [1], VOCAB, CANVAS), dg[1], verifier=LocalAR(verifier))
-    pipe = Pipeline(drafter, LocalAR(verifier), LocalValidator())
+    drafter = VLLMDrafter(VLLMDiffusion(engine, [1], VOCAB, CANVAS), dg[1], verifier=TransformersAR(verifier))
+    pipe = Pipeline(drafter, TransformersAR(verifier), RegistryValidator())
     return engine, pipe, Gateway(pipe, "dgserve-tiny")
 
 

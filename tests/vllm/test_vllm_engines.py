@@ -14,7 +14,7 @@ vllm = pytest.importorskip("vllm")
 from jsonschema.validators import validator_for  # noqa: E402
 
 from models.tokenizer import encode_messages  # noqa: E402
-from pipeline.engines import EngineAR  # noqa: E402
+from pipeline.backends.vllm import VLLMAR  # noqa: E402
 from pipeline.interfaces import Constraint, Job  # noqa: E402
 
 QUESTIONS = ["Describe Paris in a few words.", "Name a city as JSON.", "Tell me about Oslo.",
@@ -123,7 +123,7 @@ def test_speculative_loop_over_vllm_verifier_is_lossless(loop, engine, reference
 
 
 def test_engine_ar_service_serves_constrained_and_streamed_jobs(loop, engine, reference):
-    service = EngineAR(engine, reference.tokenizer)
+    service = VLLMAR(engine, reference.tokenizer)
     job = Job(messages=(("user", QUESTIONS[4]),), prompt=None, max_tokens=48, temperature=0.0,
               constraint=Constraint("json_schema", SCHEMA))
     result = loop.run_until_complete(service.generate(job))

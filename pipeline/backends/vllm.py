@@ -1,6 +1,6 @@
 """The vLLM engines of ``models/vllm_backend.py`` behind the pipeline's service Protocols.
 
-Same contract as ``pipeline/local.py`` (which wraps the transformers backends): the orchestration
+Same contract as ``pipeline/backends/transformers.py`` (which wraps the transformers backends): the orchestration
 cannot tell them apart. Differences a user sees:
 
 * ``repair`` regenerates under the constraint from scratch: vLLM's structured outputs start the
@@ -21,10 +21,14 @@ import asyncio
 import math
 from typing import AsyncIterator
 
-from . import telemetry
-from .errors import BadRequest
-from .interfaces import Job, TextChunk, TextResult
-from .local import RoundSpeculation, detokenizer, encode_job, text_chunks
+from models.constraints import GRAMMAR_KINDS
+
+from .. import telemetry
+from ..errors import BadRequest
+from ..interfaces import Job, TextChunk, TextResult
+from ..speculation import RoundSpeculation
+from ..streaming import text_chunks
+from ..tokens import detokenizer, encode_job
 
 
 def _constraint(job: Job) -> tuple[str | None, object]:
@@ -32,7 +36,7 @@ def _constraint(job: Job) -> tuple[str | None, object]:
     return (c.kind, c.spec) if c is not None else (None, None)
 
 
-class EngineAR:
+class VLLMAR:
     """``ARService`` over a :class:`models.vllm_backend.VLLMCausal`."""
 
     def __init__(self, engine, tokenizer):
@@ -47,7 +51,7 @@ class EngineAR:
             r = await self.engine.generate(prompt, job.max_tokens, self._detok, job.temperature, job.seed, kind, spec)
             result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished,
                                 {"first_token_s": round(r.first_token_s, 4), "ar_s": round(r.total_s, 4),
-                                 "constrained": kind in ("json_schema", "json_object", "regex")})
+                                 "constrained": kind in GRAMMAR_KINDS})
             telemetry.attributes(sp, {telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens,
                                       telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
             return result
@@ -81,7 +85,7 @@ def _ignored(job: Job) -> dict:
     return {"seed_ignored": True} if job.seed is not None else {}
 
 
-class EngineDrafter:
+class VLLMDrafter:
     """``DraftService`` over a :class:`models.vllm_backend.VLLMDiffusion`; ``verifier`` (a
     :class:`models.speculative.RoundVerifier`: a co-located :class:`models.vllm_backend.VLLMCausal`
     or the Verifier deployment over a handle) serves the verify route."""

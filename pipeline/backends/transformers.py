@@ -1,138 +1,20 @@
-"""In-process backends: the model objects of ``models/`` behind the async service Protocols.
-
-The Ray deployments hold these too; tests and benchmarks use them directly. Model calls run in a
-worker thread so the event loop keeps serving while a batch denoises.
-"""
+"""The transformers backends (``models/``) behind the pipeline's service Protocols: the drafter, AR
+decoding under the grammar, and repair. Model calls run in a worker thread (registered with the
+replica's :class:`pipeline.health.WorkTracker`) so the event loop keeps serving while a batch
+denoises."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Iterator, Sequence
 
-from . import telemetry
-from .errors import BadRequest
-from .health import WorkTracker
-from .interfaces import Job, TextChunk, TextResult
-from .validation import ValidatorRegistry, default_registry
-
-
-def encode_job(tokenizer, job: Job) -> list[int]:
-    """Prompt token ids: the chat template for ``messages``, ``<bos>`` + text for ``prompt``."""
-    if job.messages is not None:
-        from models.tokenizer import encode_messages
-
-        return encode_messages(tokenizer, [{"role": r, "content": c} for r, c in job.messages])
-    ids = tokenizer(job.prompt or "", add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id] + list(ids)
-
-
-class TextDelta:
-    """Turns a growing token list into text pieces, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = 0
-
-    def push(self, ids: Sequence[int]) -> str:
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.sent = text[self.sent:], len(text)
-        return piece
-
-
-class Cancelled(Exception):
-    """Raised inside a producer thread once its consumer went away."""
-
-
-async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], object]) -> AsyncIterator[object]:
-    """Run ``produce(emit)`` in a thread; yield what it emits, then its return value (as a tuple
-    ``("__result__", value)``). Exceptions in the thread re-raise here. When the consumer stops
-    early, the next ``emit`` raises :class:`Cancelled` in the thread, which ends the model call."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-    cancelled = threading.Event()
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone
-            cancelled.set()
-
-    def emit(item) -> None:
-        if cancelled.is_set():
-            raise Cancelled()
-        put(item)
-
-    def run() -> None:
-        try:
-            put(("__result__", produce(emit)))
-        except Cancelled:
-            pass
-        except BaseException as e:  # re-raised on the event loop side
-            put(("__error__", e))
-        finally:
-            put(done)
-
-    threading.Thread(target=run, daemon=True).start()
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                return
-            if isinstance(item, tuple) and len(item) == 2 and item[0] == "__error__":
-                raise item[1]
-            yield item
-    finally:
-        cancelled.set()
-
-
-async def text_chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> AsyncIterator[TextChunk]:
-    """Text chunks of token-id ``pieces`` (incomplete UTF-8 held back); the last chunk carries
-    ``finish(ids, text)``, the closing :class:`TextResult`."""
-    delta = TextDelta(tokenizer)
-    async for ids in pieces:
-        text = delta.push(ids)
-        if text:
-            yield TextChunk(text)
-    yield TextChunk("", finish(delta.ids, tokenizer.decode(delta.ids, skip_special_tokens=True)))
-
-
-def _stream_in_thread(tokenizer, produce, finish) -> AsyncIterator[TextChunk]:
-    """Text chunks from a model call in a thread: ``produce(emit)`` emits token-id lists and returns
-    the call's result; ``finish(result, ids)`` turns it into the closing :class:`TextResult`."""
-    box: dict = {}
-
-    async def pieces():
-        async for item in _iterate_in_thread(produce):
-            if isinstance(item, tuple) and item[0] == "__result__":
-                box["result"] = item[1]
-            else:
-                yield item
-        if "result" not in box:  # only after the consumer went away, so nobody reads this
-            raise RuntimeError("the model call ended without a result")
-
-    return text_chunks(tokenizer, pieces(), lambda ids, text: finish(box["result"], ids))
-
-
-def tracked(work: WorkTracker, deadline: float | None, fn: Callable) -> Callable:
-    """``fn`` registered with ``work`` while it runs (in its worker thread, so a call whose awaiting
-    coroutine was cancelled still counts until the model loop really returns)."""
-
-    def run(*args):
-        with work.track(deadline):
-            return fn(*args)
-
-    return run
-
-
-def batch_deadline(jobs: Sequence[Job]) -> float | None:
-    """A batch runs until its last row's deadline at most (rows leave at their own)."""
-    return None if any(j.deadline is None for j in jobs) else max(j.deadline for j in jobs)
+from .. import telemetry
+from ..errors import BadRequest
+from ..health import WorkTracker, batch_deadline, tracked
+from ..interfaces import Job, TextChunk, TextResult
+from ..speculation import RoundSpeculation, speculative_result
+from ..streaming import stream_in_thread
+from ..tokens import encode_job
 
 
 def grammar_for(grammar, job: Job, build):
@@ -164,89 +46,7 @@ def draft_stats(d) -> dict:
     }
 
 
-def speculative_result(prompt: Sequence[int], r) -> TextResult:
-    """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`)."""
-    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, {
-        "drafts": r.drafts,
-        "mean_accepted": round(r.mean_accepted, 3),
-        "accepted": list(r.accepted),
-        "verifier_forwards": r.verifier_forwards,
-        "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
-        "denoising_steps": r.denoising_steps,
-        "verify_s": round(r.total_s, 4),
-    })
-
-
-def detokenizer(tokenizer) -> Callable[[Sequence[int]], str]:
-    """Token ids -> text, special tokens dropped (what the engines' results carry)."""
-    return lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-class RoundSpeculation:
-    """The verify route as rounds between two services that share no process or cache:
-    ``draft_canvas`` (async, see :data:`models.speculative.DraftCanvas`: a vLLM drafter engine, or a
-    :class:`models.drafter.DiffusionDrafter` in a worker thread) and ``verifier`` (a
-    :class:`models.speculative.RoundVerifier`: a co-located vLLM engine, or the Verifier deployment
-    over a handle). Greedy only: sampled verification redraws from the verifier's whole
-    distribution at each draft position, which neither returns."""
-
-    def __init__(self, tokenizer, draft_canvas, verifier, width: int):
-        self.tokenizer = tokenizer
-        self.draft_canvas = draft_canvas
-        self.verifier = verifier
-        self.width = width
-        self._detok = detokenizer(tokenizer)
-
-    async def _run(self, job: Job, on_tokens=None):
-        from models.speculative import speculate_rounds
-        from models.verifier import MIN_TEMPERATURE
-
-        if job.temperature >= MIN_TEMPERATURE:
-            raise BadRequest("the verify route is greedy only when drafter and verifier run apart: send "
-                             "temperature 0 or use another route", param="temperature")
-        prompt = encode_job(self.tokenizer, job)
-        start = telemetry.now_ns()
-        r = await speculate_rounds(self.verifier, self.draft_canvas, prompt, job.max_tokens, self.width,
-                                   self._detok, on_tokens, job.deadline)
-        telemetry.record_speculation(job.trace, start, r)
-        return prompt, r
-
-    async def speculate(self, job: Job) -> TextResult:
-        prompt, r = await self._run(job)
-        return speculative_result(prompt, r)
-
-    def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
-        """One chunk per verification round, sent as the round is accepted."""
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-        task = asyncio.ensure_future(self._run(job, on_tokens=queue.put_nowait))
-        task.add_done_callback(lambda _: queue.put_nowait(done))
-
-        async def rounds():
-            try:
-                while (ids := await queue.get()) is not done:
-                    yield ids
-            finally:
-                task.cancel()
-
-        def finish(out, text):
-            prompt, r = task.result()
-            return speculative_result(prompt, r)
-
-        return text_chunks(self.tokenizer, rounds(), finish)
-
-
-def threaded_draft_canvas(drafter, settings=None):
-    """A :class:`models.drafter.DiffusionDrafter`'s ``draft_canvas`` as the async callable
-    :class:`RoundSpeculation` takes (the denoising runs in a worker thread)."""
-
-    async def draft_canvas(prefix, first_token, width):
-        return await asyncio.to_thread(drafter.draft_canvas, list(prefix), first_token, width, 0, settings)
-
-    return draft_canvas
-
-
-class LocalDrafter:
+class TransformersDrafter:
     """``DraftService`` over a :class:`models.drafter.DiffusionDrafter`. The verify route is served
     by ``speculative`` (a :class:`models.speculative.SpeculativeDecoder`: verifier in this process,
     sharing the drafter's cache) or by ``rounds`` (a :class:`RoundSpeculation`: verifier elsewhere)."""
@@ -293,7 +93,7 @@ class LocalDrafter:
             telemetry.record_speculation(job.trace, start, r)
             return speculative_result(prompt, r)
 
-        return _stream_in_thread(
+        return stream_in_thread(
             self.tokenizer,
             tracked(self.work, job.deadline, lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
                                                temperature=job.temperature, deadline=job.deadline)), finish)
@@ -332,10 +132,10 @@ class LocalDrafter:
             telemetry.record_draft(job.trace, start, d, 1)
             return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d))
 
-        return _stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
+        return stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
 
-class LocalAR:
+class TransformersAR:
     """``ARService`` over a :class:`models.verifier.ARVerifier`.
 
     With a ``grammar`` (:class:`models.grammar.GrammarEngine`), jobs with a constraint the engine
@@ -428,7 +228,7 @@ class LocalAR:
             sp.end()
             return result
 
-        return _stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
+        return stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
 
 def _ar_attributes(span, result: TextResult) -> None:
@@ -436,19 +236,3 @@ def _ar_attributes(span, result: TextResult) -> None:
                                 telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens,
                                 "dgserve.finished": result.finished})
     telemetry.attributes(span, result.stats, "dgserve.")
-
-
-class LocalValidator:
-    """``ValidationService`` over a :class:`ValidatorRegistry`."""
-
-    def __init__(self, registry: ValidatorRegistry | None = None):
-        self.registry = registry or default_registry()
-
-    async def validate(self, constraint, text, trace=None):
-        with telemetry.span("validator.validate", trace, attrs={"dgserve.constraint": constraint.kind}) as sp:
-            verdict = self.registry.validate(constraint, text)
-            telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok,
-                                      "dgserve.validation.errors": len(verdict.errors)})
-            if verdict.errors:
-                sp.set_attribute("dgserve.validation.first_error", verdict.errors[0][:200])
-            return verdict

@@ -1,0 +1,172 @@
+"""The FastAPI ingress: bytes in and out of :class:`pipeline.gateway.Gateway` (which holds every
+HTTP rule), the OpenAPI document, and the breaker's watch on the drafter."""
+
+
+import asyncio
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.api import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+)
+from pipeline.errors import BadRequest, HTTPStatusError, PipelineError
+from pipeline.gateway import Gateway, Limits, Reply, error_reply
+from pipeline.health import DrafterHealth, watch
+from pipeline.orchestrator import Pipeline, StructuredPolicy
+from pipeline.router import RouterPolicy
+from pipeline.telemetry import configure_tracing
+
+from .config import AppArgs
+from .handles import ARHandle, DraftHandle, ValidatorHandle
+from .metrics import ServeMetrics
+
+http = FastAPI(title="dgserve", description="OpenAI-compatible DiffusionGemma + AR serving")
+
+
+@http.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return _respond(error_reply(HTTPStatusError(exc.status_code, str(exc.detail))))
+
+
+@http.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _respond(error_reply(BadRequest("invalid request")))
+
+
+@http.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    return _respond(error_reply(PipelineError("internal error")))
+
+
+# The endpoints read the raw body (the Gateway parses it, so every rule lives in one place); the
+# OpenAPI document still describes the bodies and every answer, for clients and for schemathesis.
+_REQUEST_SCHEMAS: dict = {}
+
+
+def _body(model) -> dict:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _REQUEST_SCHEMAS.update(schema.pop("$defs", {}))
+    _REQUEST_SCHEMAS[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+# one schema per server-sent event: ``data`` is a JSON chunk (chat.completion.chunk / text_completion,
+# or an error object), or ``[DONE]`` at the end
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}
+_ERRORS = {
+    400: "invalid request", 401: "missing or wrong API key", 404: "unknown model",
+    413: "request body too large", 422: "no answer satisfying response_format could be produced",
+    429: "over capacity; retry after Retry-After seconds", 503: "a backend is unavailable; retry",
+    504: "request deadline exceeded",
+}
+
+
+def _responses(ok_model) -> dict:
+    out: dict = {200: {"model": ok_model, "content": _SSE, "description": "the answer (JSON, or SSE when stream=true)"}}
+    out.update({code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()})
+    return out
+
+
+def _document_model(name: str) -> None:
+    """The one model id this deployment serves, as an enum in the documented request bodies."""
+    for model in (ChatCompletionRequest, CompletionRequest):
+        _REQUEST_SCHEMAS[model.__name__]["properties"]["model"]["enum"] = [name]
+    http.openapi_schema = None
+
+
+def _openapi() -> dict:
+    if http.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=http.title, version="0.1.0", description=http.description, routes=http.routes)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(_REQUEST_SCHEMAS)
+        http.openapi_schema = doc
+    return http.openapi_schema
+
+
+http.openapi = _openapi
+
+
+@http.middleware("http")
+async def _require_key(request: Request, call_next):
+    """With an API key configured, every path but /health (the docs and /openapi.json included)
+    needs it; the Gateway checks the generation endpoints again itself."""
+    gateway = getattr(request.app.state, "gateway", None)
+    path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
+    if gateway is not None and gateway.api_key is not None and path != "/health":
+        try:
+            gateway.authorize(request.headers)
+        except PipelineError as e:
+            return _respond(error_reply(e))
+    return await call_next(request)
+
+
+def _respond(reply: Reply) -> Response:
+    if reply.stream is not None:
+        headers = {**reply.headers, "cache-control": "no-cache"}
+        return StreamingResponse(reply.stream, media_type="text/event-stream", headers=headers)
+    return JSONResponse(reply.body, reply.status, headers=reply.headers)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(http)
+class Ingress:
+    def __init__(self, args: AppArgs, drafter, ar, validator):
+        configure_tracing("ingress")
+        _document_model(args.model_name)
+        policy = RouterPolicy(args.router.drafter_queue_threshold, args.router.prose_route,
+                              args.router.greedy_prose_route)
+        health = DrafterHealth(args.router.drafter_failures_before_cooldown, args.router.drafter_cooldown_s)
+        self.drafter = DraftHandle(drafter)
+        self.health_state = health
+        self.watcher = None  # started on the first call (it needs the replica's running event loop)
+        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), policy, health,
+                            StructuredPolicy(args.structured.on_repair_failure))
+        lim = args.limits
+        limits = Limits(lim.max_tokens, lim.default_max_tokens, lim.max_prompt_chars, lim.max_body_bytes,
+                        lim.request_timeout_s, lim.max_in_flight)
+        api_key = None
+        if args.auth.api_key_env is not None:
+            api_key = os.environ.get(args.auth.api_key_env)
+            if not api_key:
+                raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
+        self.gateway = Gateway(pipeline, args.model_name, limits, args.validator.registry(), api_key,
+                               ServeMetrics())
+        http.state.gateway = self.gateway
+
+    def _watch(self) -> None:
+        """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""
+        if self.watcher is None or self.watcher.done():
+            self.watcher = asyncio.get_running_loop().create_task(watch(self.drafter.status, self.health_state))
+
+    @http.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest), responses=_responses(ChatCompletion))
+    async def chat(self, request: Request) -> Response:
+        self._watch()
+        return _respond(await self.gateway.chat(await request.body(), request.headers))
+
+    @http.post("/v1/completions", openapi_extra=_body(CompletionRequest), responses=_responses(Completion))
+    async def completions(self, request: Request) -> Response:
+        self._watch()
+        return _respond(await self.gateway.completions(await request.body(), request.headers))
+
+    @http.get("/v1/models", responses={200: {"model": ModelList}, 401: {"model": ErrorResponse}})
+    async def models(self, request: Request) -> Response:
+        return _respond(self.gateway.models(request.headers))
+
+    @http.get("/health")
+    async def health(self) -> Response:
+        self._watch()
+        return _respond(self.gateway.health())

@@ -1,0 +1,91 @@
+"""The verify route across services: draft-and-verify rounds between a drafter and a verifier that
+share no process or cache (a vLLM engine, or the Verifier deployment over a handle), and the
+:class:`TextResult` of any speculative decode."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Sequence
+
+from . import telemetry
+from .errors import BadRequest
+from .interfaces import Job, TextChunk, TextResult
+from .streaming import text_chunks
+from .tokens import detokenizer, encode_job
+
+
+def speculative_result(prompt: Sequence[int], r) -> TextResult:
+    """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`)."""
+    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, {
+        "drafts": r.drafts,
+        "mean_accepted": round(r.mean_accepted, 3),
+        "accepted": list(r.accepted),
+        "verifier_forwards": r.verifier_forwards,
+        "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
+        "denoising_steps": r.denoising_steps,
+        "verify_s": round(r.total_s, 4),
+    })
+
+
+class RoundSpeculation:
+    """The verify route as rounds between two services that share no process or cache:
+    ``draft_canvas`` (async, see :data:`models.speculative.DraftCanvas`: a vLLM drafter engine, or a
+    :class:`models.drafter.DiffusionDrafter` in a worker thread) and ``verifier`` (a
+    :class:`models.speculative.RoundVerifier`: a co-located vLLM engine, or the Verifier deployment
+    over a handle). Greedy only: sampled verification redraws from the verifier's whole
+    distribution at each draft position, which neither returns."""
+
+    def __init__(self, tokenizer, draft_canvas, verifier, width: int):
+        self.tokenizer = tokenizer
+        self.draft_canvas = draft_canvas
+        self.verifier = verifier
+        self.width = width
+        self._detok = detokenizer(tokenizer)
+
+    async def _run(self, job: Job, on_tokens=None):
+        from models.speculative import speculate_rounds
+        from models.verifier import MIN_TEMPERATURE
+
+        if job.temperature >= MIN_TEMPERATURE:
+            raise BadRequest("the verify route is greedy only when drafter and verifier run apart: send "
+                             "temperature 0 or use another route", param="temperature")
+        prompt = encode_job(self.tokenizer, job)
+        start = telemetry.now_ns()
+        r = await speculate_rounds(self.verifier, self.draft_canvas, prompt, job.max_tokens, self.width,
+                                   self._detok, on_tokens, job.deadline)
+        telemetry.record_speculation(job.trace, start, r)
+        return prompt, r
+
+    async def speculate(self, job: Job) -> TextResult:
+        prompt, r = await self._run(job)
+        return speculative_result(prompt, r)
+
+    def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per verification round, sent as the round is accepted."""
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        task = asyncio.ensure_future(self._run(job, on_tokens=queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(done))
+
+        async def rounds():
+            try:
+                while (ids := await queue.get()) is not done:
+                    yield ids
+            finally:
+                task.cancel()
+
+        def finish(out, text):
+            prompt, r = task.result()
+            return speculative_result(prompt, r)
+
+        return text_chunks(self.tokenizer, rounds(), finish)
+
+
+def threaded_draft_canvas(drafter, settings=None):
+    """A :class:`models.drafter.DiffusionDrafter`'s ``draft_canvas`` as the async callable
+    :class:`RoundSpeculation` takes (the denoising runs in a worker thread)."""
+
+    async def draft_canvas(prefix, first_token, width):
+        return await asyncio.to_thread(drafter.draft_canvas, list(prefix), first_token, width, 0, settings)
+
+    return draft_canvas
