@@ -1,6 +1,8 @@
 """Typed application arguments: the ``args:`` of ``serve_config.yaml``. Imports no backend.
 
-Unknown keys or wrong values fail at deploy time with pydantic's message.
+Unknown keys or wrong values fail at deploy time with pydantic's message. Each model here builds
+the dataclass the code uses (``policy()``, ``limits()``, ``health()``, ``wiring()``, ...), and
+takes its defaults from that dataclass, so every default is written once.
 """
 
 from __future__ import annotations
@@ -8,6 +10,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.gateway import Limits
+from pipeline.health import DrafterHealth
+from pipeline.orchestrator import StructuredPolicy
+from pipeline.router import RouterPolicy
+
+_LIMITS, _POLICY, _HEALTH, _STRUCTURED = Limits(), RouterPolicy(), DrafterHealth(), StructuredPolicy()
 
 
 class _Strict(BaseModel):
@@ -145,28 +154,41 @@ class ValidatorArgs(_Strict):
 
 
 class RouterArgs(_Strict):
-    drafter_queue_threshold: int = Field(default=8, ge=0)
-    prose_route: Literal["diffusion", "verify", "ar"] = "diffusion"
-    greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = None
-    drafter_failures_before_cooldown: int = Field(default=1, ge=1)
-    drafter_cooldown_s: float = Field(default=10.0, ge=0)
+    drafter_queue_threshold: int = Field(default=_POLICY.drafter_queue_threshold, ge=0)
+    prose_route: Literal["diffusion", "verify", "ar"] = _POLICY.prose_route
+    greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = _POLICY.greedy_prose_route
+    drafter_failures_before_cooldown: int = Field(default=_HEALTH.max_failures, ge=1)
+    drafter_cooldown_s: float = Field(default=_HEALTH.cooldown_s, ge=0)
+
+    def policy(self) -> RouterPolicy:
+        return RouterPolicy(self.drafter_queue_threshold, self.prose_route, self.greedy_prose_route)
+
+    def health(self) -> DrafterHealth:
+        return DrafterHealth(self.drafter_failures_before_cooldown, self.drafter_cooldown_s)
 
 
 class StructuredArgs(_Strict):
     canvas_guidance: bool = True  # grammar pins and masks inside the denoising loop
-    on_repair_failure: Literal["fallback", "error"] = "fallback"
+    on_repair_failure: Literal["fallback", "error"] = _STRUCTURED.on_repair_failure
     grammar_compile_timeout_s: float = Field(default=2.0, gt=0)
+
+    def policy(self) -> StructuredPolicy:
+        return StructuredPolicy(self.on_repair_failure)
 
 
 class LimitArgs(_Strict):
-    max_tokens: int = Field(default=512, ge=1)
-    default_max_tokens: int = Field(default=256, ge=1)
-    max_prompt_chars: int = Field(default=32_000, ge=1)
-    max_body_bytes: int = Field(default=1_000_000, ge=1)
-    request_timeout_s: float = Field(default=60.0, gt=0)  # clients may ask for less (x-request-timeout-seconds)
+    max_tokens: int = Field(default=_LIMITS.max_tokens, ge=1)
+    default_max_tokens: int = Field(default=_LIMITS.default_max_tokens, ge=1)
+    max_prompt_chars: int = Field(default=_LIMITS.max_prompt_chars, ge=1)
+    max_body_bytes: int = Field(default=_LIMITS.max_body_bytes, ge=1)
+    # clients may ask for less (x-request-timeout-seconds)
+    request_timeout_s: float = Field(default=_LIMITS.request_timeout_s, gt=0)
     # generation requests one ingress replica admits at once; beyond that 429 + Retry-After at once
     # (keep it below ingress.max_ongoing_requests so the shedding is ours, with an OpenAI error body)
-    max_in_flight: int = Field(default=48, ge=1)
+    max_in_flight: int = Field(default=_LIMITS.max_in_flight, ge=1)
+
+    def limits(self) -> Limits:
+        return Limits(**self.model_dump())
 
 
 class AuthArgs(_Strict):

@@ -20,10 +20,9 @@ from pipeline.api import (
     ModelList,
 )
 from pipeline.errors import BadRequest, HTTPStatusError, PipelineError
-from pipeline.gateway import Gateway, Limits, Reply, error_reply
-from pipeline.health import DrafterHealth, watch
-from pipeline.orchestrator import Pipeline, StructuredPolicy
-from pipeline.router import RouterPolicy
+from pipeline.gateway import Gateway, Reply, error_reply
+from pipeline.health import watch
+from pipeline.orchestrator import Pipeline
 from pipeline.telemetry import configure_tracing
 
 from .config import AppArgs
@@ -127,23 +126,17 @@ class Ingress:
     def __init__(self, args: AppArgs, drafter, ar, validator):
         configure_tracing("ingress")
         _document_model(args.model_name)
-        policy = RouterPolicy(args.router.drafter_queue_threshold, args.router.prose_route,
-                              args.router.greedy_prose_route)
-        health = DrafterHealth(args.router.drafter_failures_before_cooldown, args.router.drafter_cooldown_s)
         self.drafter = DraftHandle(drafter)
-        self.health_state = health
+        self.health_state = args.router.health()
         self.watcher = None  # started on the first call (it needs the replica's running event loop)
-        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), policy, health,
-                            StructuredPolicy(args.structured.on_repair_failure))
-        lim = args.limits
-        limits = Limits(lim.max_tokens, lim.default_max_tokens, lim.max_prompt_chars, lim.max_body_bytes,
-                        lim.request_timeout_s, lim.max_in_flight)
+        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), args.router.policy(),
+                            self.health_state, args.structured.policy())
         api_key = None
         if args.auth.api_key_env is not None:
             api_key = os.environ.get(args.auth.api_key_env)
             if not api_key:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
-        self.gateway = Gateway(pipeline, args.model_name, limits, args.validator.registry(), api_key,
+        self.gateway = Gateway(pipeline, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
                                ServeMetrics())
         http.state.gateway = self.gateway
 

@@ -108,6 +108,15 @@ class Draft:
     expired: bool = False  # stopped at its deadline (models/deadline.py): the text is cut short
 
 
+@dataclass(frozen=True)
+class CanvasOutcome:
+    """What denoising one canvas returns (the rows it was given are not changed)."""
+
+    argmax: torch.Tensor  # [batch, canvas] long: the committed canvas
+    steps: tuple[int, ...]  # [batch] decoder forwards each row spent
+    expired: tuple[bool, ...]  # [batch] rows stopped at their deadline
+
+
 @dataclass
 class DraftRow:
     """Per-request state of a draft: budget, hook and what was committed so far."""
@@ -218,10 +227,13 @@ class DiffusionDrafter:
 
         canvas_index = 0
         while active:
-            committed = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, seed)
+            out = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, seed)
+            committed = out.argmax
             now = time.perf_counter() - start
             for b, r in enumerate(active):
                 row = rows[r]
+                row.steps.append(out.steps[b])
+                row.expired = row.expired or out.expired[b]
                 new = committed[b].tolist()[: row.budget - len(row.tokens)]
                 cut = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
                 if cut is not None:
@@ -280,8 +292,8 @@ class DiffusionDrafter:
         cache = self.new_cache()
         self.encode(cache, ids, mask, 0)
         row = DraftRow(prompt_len=len(prefix), budget=width, hook=PinFirst(first_token))
-        canvas = self.denoise_canvas(cache, mask, len(prefix), [row], len(prefix), seed, settings)[0]
-        return canvas[:width].tolist(), row.steps[-1]
+        out = self.denoise_canvas(cache, mask, len(prefix), [row], len(prefix), seed, settings)
+        return out.argmax[0, :width].tolist(), out.steps[0]
 
     def decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor | None, cache, mask_mapping,
                        positions: torch.Tensor) -> torch.Tensor:
@@ -306,10 +318,11 @@ class DiffusionDrafter:
         return dec.norm(h)
 
     def denoise_canvas(self, cache, ctx_mask: torch.Tensor, cur_len: int, rows: list[DraftRow],
-                       canvas_index: int, seed: int, settings: DraftSettings | None = None) -> torch.Tensor:
+                       canvas_index: int, seed: int, settings: DraftSettings | None = None) -> CanvasOutcome:
         """Denoise one canvas after the ``cur_len`` tokens in ``cache`` (``ctx_mask`` [batch, cur_len]
-        marks real ones) for the active ``rows``; returns the committed argmax [batch, canvas] and
-        appends the forwards spent to each row's ``steps``. Randomness is a pure function of
+        marks real ones) for the active ``rows`` (read only: their hooks, committed tokens and
+        deadlines); returns a :class:`CanvasOutcome` (the committed argmax, the forwards each row
+        spent, the rows stopped at their deadline). Randomness is a pure function of
         ``(seed, canvas_index, step)`` (``kernels/rng.py``)."""
         s = settings or self.settings
         dev = ctx_mask.device
@@ -337,6 +350,7 @@ class DiffusionDrafter:
         soft = None  # self-conditioning input [batch, canvas, hidden], from the previous step's logits
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         repeats = torch.zeros(bsz, dtype=torch.long, device=dev)
+        expired = [False] * bsz
         forwards = torch.zeros(bsz, dtype=torch.long, device=dev)
         embedding = self.model.model.decoder.embed_tokens.weight
         for step, remaining in enumerate(range(s.max_steps, 0, -1)):
@@ -370,13 +384,11 @@ class DiffusionDrafter:
             done = done | (stable & confident)
             for b, row in enumerate(rows):  # a row nobody waits for any more stops here
                 if not done[b] and past(row.deadline):
-                    row.expired = True
+                    expired[b] = True
                     done[b] = True
             if bool(done.all()):
                 break
-        for b, row in enumerate(rows):
-            row.steps.append(int(forwards[b]))
-        return argmax
+        return CanvasOutcome(argmax, tuple(int(f) for f in forwards), tuple(expired))
 
 
 def _mix(seed: int, canvas_index: int, step: int) -> int:

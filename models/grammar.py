@@ -235,25 +235,29 @@ class GrammarCanvasHook:
         self.engine = engine
         self.compiled = compiled
         self.canvas_length = canvas_length
-        self.base = None  # matcher after the committed tokens, per canvas
-        self.masked_steps = 0
+        self.masked_steps = 0  # a counter for tests and benchmarks, read by nothing else
+        self._memo: tuple[tuple[int, ...], object] | None = None
 
-    def _matcher_after(self, committed: Sequence[int]):
-        m = self.engine.xgr.GrammarMatcher(self.compiled)
-        for t in committed:
-            if not m.accept_token(int(t)):
-                return None  # committed text left the grammar (an unconstrained canvas); stop guiding
-        return m
+    def _base(self, committed: Sequence[int]):
+        """The matcher after the committed tokens (None once they left the grammar: an unconstrained
+        canvas, no more guiding). A pure function of ``committed``, memoised for the steps of one
+        canvas: ``pins`` and ``mask`` each derive it from their own argument, in any order."""
+        key = tuple(int(t) for t in committed)
+        if self._memo is None or self._memo[0] != key:
+            m = self.engine.xgr.GrammarMatcher(self.compiled)
+            ok = all(m.accept_token(t) for t in key)
+            self._memo = (key, m if ok else None)
+        return self._memo[1]
 
     def pins(self, canvas_index: int, committed: Sequence[int]) -> dict[int, int]:
-        self.base = self._matcher_after(committed)
-        if self.base is None:
+        base = self._base(committed)
+        if base is None:
             return {}
-        forced = self.engine.forced_text(self.base, 4 * self.canvas_length)
+        forced = self.engine.forced_text(base, 4 * self.canvas_length)
         if not forced:
             return {}
         ids = self.engine.tokenizer(forced, add_special_tokens=False)["input_ids"]
-        probe = self.base.fork()
+        probe = base.fork()
         pins: dict[int, int] = {}
         for i, t in enumerate(ids[: self.canvas_length]):
             if not probe.accept_token(int(t)):
@@ -264,9 +268,10 @@ class GrammarCanvasHook:
     def mask(self, canvas_index: int, step: int, committed: Sequence[int], logits: torch.Tensor):
         from .drafter import PositionMask
 
-        if self.base is None:
+        base = self._base(committed)
+        if base is None:
             return None
-        m = self.base.fork()
+        m = base.fork()
         argmax = logits.argmax(-1).tolist()
         for p, t in enumerate(argmax):
             if m.is_terminated():  # after <eos>: the rest of the canvas is padding

@@ -187,9 +187,10 @@ class SpeculativeDecoder:
             row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=PinFirst(nxt), deadline=deadline)
             row.tokens = out
             ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
-            canvas = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)[0].tolist()
-            steps += row.steps[-1]
-            round_steps.append(row.steps[-1])
+            drafted = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)
+            canvas = drafted.argmax[0].tolist()
+            steps += drafted.steps[0]
+            round_steps.append(drafted.steps[0])
             canvas = canvas[: max_new_tokens - len(out)]
             cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
             if cut is not None:
