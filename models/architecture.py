@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
+# DiffusionGemma's final-logit softcap (a class attribute there, so absent from its config.json):
+# logits -> tanh(logits / SOFTCAP) * SOFTCAP, on the diffusion head and the causal one alike.
+SOFTCAP = 30.0
+
 
 @dataclass(frozen=True)
 class ModelSpec:

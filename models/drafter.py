@@ -23,10 +23,10 @@ import torch
 from kernels import rng
 from kernels.dispatch import ops, sampler_step, select_backend
 
+from .architecture import SOFTCAP
 from .deadline import past
+from .loading import eos_ids, left_padded
 from .transformers_compat import cache_kwarg
-
-SOFTCAP = 30.0
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,7 @@ class DiffusionDrafter:
         self._soft_embedding = ops(self.backend)[1]
         self.canvas_length = int(model.config.canvas_length)
         self.vocab_size = int(model.config.text_config.vocab_size)
-        eos = model.generation_config.eos_token_id
-        eos = tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
@@ -213,13 +211,8 @@ class DiffusionDrafter:
         rows = [DraftRow(len(p), b, h, deadline=t) for p, b, h, t in zip(prompts, budgets, hooks, deadlines)]
         canvas_len = self.canvas_length
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):  # left padding: every row's answer starts at `width`
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = True
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_padded(prompts, self.pad_id, dev)  # every row's answer starts at `width`
+        width = ids.shape[1]
         cache = self.new_cache()
         self.encode(cache, ids, mask, 0)
         active = list(range(len(prompts)))  # batch index -> row index

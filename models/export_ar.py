@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .architecture import SOFTCAP
+
 
 def gemma4_text_config(dg_config):
     from transformers import Gemma4TextConfig
@@ -44,7 +46,7 @@ def gemma4_text_config(dg_config):
         rope_parameters=t.rope_parameters,
         sliding_window=t.sliding_window,
         layer_types=list(t.layer_types),
-        final_logit_softcapping=30.0,
+        final_logit_softcapping=SOFTCAP,
         attention_k_eq_v=True,
         enable_moe_block=True,
         num_experts=t.num_experts,

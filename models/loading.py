@@ -41,6 +41,27 @@ def resolve_checkpoint(path: str | Path | None) -> Path | str:
     return str(path)
 
 
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """The ids that end an answer: the generation config's ``eos_token_id`` (an id or a list), else
+    the tokenizer's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def left_padded(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of token-id ``prompts`` padded on the left, so every row's answer starts at the same
+    position: (ids [batch, width] long, mask [batch, width] bool, True on real tokens)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
 def load_diffusion_model(path: str | Path | None = None, device: str = "auto", dtype: str = "auto"):
     """Load a ``DiffusionGemmaForBlockDiffusion`` and its tokenizer, in eval mode."""
     from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion

@@ -32,11 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .architecture import MICRO, ModelSpec, build_config
+from .architecture import MICRO, SOFTCAP, ModelSpec, build_config
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
 from .transformers_compat import cache_kwarg
-
-SOFTCAP = 30.0
 
 
 @dataclass(frozen=True)

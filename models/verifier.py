@@ -20,10 +20,10 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .acceptance import greedy_acceptance
+from .architecture import SOFTCAP
 from .deadline import past
+from .loading import eos_ids, left_padded
 from .transformers_compat import cache_kwarg
-
-SOFTCAP = 30.0
 
 # A logits processor sees the tokens generated so far and the next-token logits [vocab].
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
@@ -113,7 +113,7 @@ class ARVerifier:
 
     @classmethod
     def from_diffusion_model(cls, model, tokenizer) -> "ARVerifier":
-        return cls(DiffusionCausalLM(model, tokenizer), _eos_list(model, tokenizer))
+        return cls(DiffusionCausalLM(model, tokenizer), sorted(eos_ids(model, tokenizer)))
 
     @classmethod
     def from_pretrained(cls, path=None, source: str = "diffusion", device: str = "auto",
@@ -131,7 +131,7 @@ class ARVerifier:
             return cls.from_diffusion_model(model, tokenizer)
         if source == "causal":
             model, tokenizer = load_causal_model(path or DEFAULT_AR_CHECKPOINT, device, dtype)
-            return cls(TransformersCausalLM(model, tokenizer), _eos_list(model, tokenizer))
+            return cls(TransformersCausalLM(model, tokenizer), sorted(eos_ids(model, tokenizer)))
         raise ValueError(f"unknown verifier source {source!r}; expected 'diffusion' or 'causal'")
 
     @property
@@ -150,13 +150,8 @@ class ARVerifier:
         dev = self.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p):] = True
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_padded(prompts, self.pad_id, dev)
+        width = ids.shape[1]
         cache = self.lm.new_cache()
         logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
         cur = width
@@ -255,10 +250,3 @@ class ARVerifier:
 def _check_budget(n: int) -> None:
     if n <= 0:
         raise ValueError("max_new_tokens must be positive")
-
-
-def _eos_list(model, tokenizer) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
