@@ -9,7 +9,7 @@ cannot tell them apart. Differences a user sees:
   DiffusionGemma); validation, repair and fallback still guarantee structured answers;
 * a client's ``seed`` does not reach the drafter (vLLM refuses per-request seeds for diffusion
   models): the draft runs and ``stats.seed_ignored`` says so;
-* the verify route runs :class:`pipeline.local.RoundSpeculation` over the drafter engine and an
+* the verify route runs :class:`pipeline.speculation.RoundSpeculation` over the drafter engine and an
   AR verifier (a co-located vLLM engine, or the Verifier deployment over a handle), greedy only
   (sampled verification redraws from the verifier's whole distribution, which vLLM's prompt
   logprobs do not return).
