@@ -282,7 +282,8 @@ class VLLMDiffusion(_Engine):
         ``first_token`` and the rest uniform noise drawn from ``seed``: a verify round's draft."""
         import random
 
-        noise = [random.Random(seed).randrange(self.vocab_size) for _ in range(width)]
+        rng = random.Random(seed)
+        noise = [rng.randrange(self.vocab_size) for _ in range(width)]
         noise[0] = first_token
         extra: dict[str, Any] = {"diffusion_canvas_length": width, "diffusion_read_only": True,
                                  "diffusion_seed_canvas": noise, "diffusion_pinned": [0]}

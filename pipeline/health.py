@@ -80,8 +80,9 @@ class WorkTracker:
 
     def status(self) -> WorkStatus:
         now = self.clock()
-        overruns = [now - d for d in self._jobs.values() if d is not None and now - d > self.grace_s]
-        return WorkStatus(len(self._jobs), len(overruns), round(max(overruns, default=0.0), 3))
+        deadlines = tuple(self._jobs.values())  # one snapshot: worker threads add and remove jobs
+        overruns = [now - d for d in deadlines if d is not None and now - d > self.grace_s]
+        return WorkStatus(len(deadlines), len(overruns), round(max(overruns, default=0.0), 3))
 
     def check(self) -> None:
         """Raise while work is stuck (Ray Serve's ``check_health`` then replaces the replica)."""
