@@ -72,9 +72,7 @@ class ModelArgs(_Strict):
         from pipeline.assemble import Wiring
 
         return Wiring(canvas_guidance=structured.canvas_guidance,
-                      grammar_compile_timeout_s=structured.grammar_compile_timeout_s,
-                      verify_draft_steps=getattr(self, "verify_draft_steps", None),
-                      verify_draft_width=getattr(self, "verify_draft_width", None))
+                      grammar_compile_timeout_s=structured.grammar_compile_timeout_s)
 
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle for ``models.vllm_backend`` (imported here only when asked for)."""
@@ -118,6 +116,13 @@ class DrafterArgs(ModelArgs):
             raise ValueError(f"drafter.max_batch_size ({self.max_batch_size}) exceeds drafter.vllm.max_num_seqs "
                              f"({self.vllm.max_num_seqs}): the engine runs at most max_num_seqs drafts at once")
         return self
+
+    def wiring(self, structured: "StructuredArgs"):
+        """The role choices, with this drafter's verify-round settings."""
+        from dataclasses import replace
+
+        return replace(super().wiring(structured), verify_draft_steps=self.verify_draft_steps,
+                       verify_draft_width=self.verify_draft_width)
 
     def batch_size(self) -> int:
         """Drafts one ``@serve.batch`` call gathers: ``max_batch_size``, which on vLLM defaults to

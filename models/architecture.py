@@ -17,6 +17,13 @@ from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 SOFTCAP = 30.0
 
 
+def softcapped(logits):
+    """``tanh(logits / SOFTCAP) * SOFTCAP`` in float32 (``logits``: a tensor of any shape)."""
+    import torch
+
+    return torch.tanh(logits.float() / SOFTCAP) * SOFTCAP
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A DiffusionGemma text stack's sizes (the tiny defaults; ``models/real_shape.py:REAL`` is the

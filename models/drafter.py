@@ -136,10 +136,6 @@ class DraftRow:
     expired: bool = False
 
 
-def softcapped(logits: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(logits.float() / SOFTCAP) * SOFTCAP
-
-
 class DiffusionDrafter:
     """Drafts with a ``DiffusionGemmaForBlockDiffusion`` (any size: the tiny default or the 26B)."""
 

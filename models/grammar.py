@@ -6,8 +6,8 @@
   (the repair rule: AR continues under the grammar from there);
 * :class:`GrammarCanvasHook`: the grammar inside the denoising loop. Pins: the string the grammar
   forces at the canvas start (:meth:`GrammarEngine.forced_text`, e.g. ``{"name":"`` when ``name``
-  is the first required key; bounded by the canvas). Mask: each step, the canvas argmax is walked left to right through the
-  grammar; at the first position the grammar rejects, the logits are masked to what the grammar
+  is the first required key; bounded by the canvas). Mask: each step, the canvas argmax is walked
+  left to right through the grammar; at the first position the grammar rejects, the logits are masked to what the grammar
   allows there (so that position is re-drawn, not accepted), and after an accepted ``<eos>`` every
   later position is masked to padding. Positions beyond the first violation stay free; the next
   step walks again.

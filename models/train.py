@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .architecture import MICRO, SOFTCAP, ModelSpec, build_config
+from .architecture import MICRO, ModelSpec, build_config, softcapped
 from .tokenizer import EOS_ID, PAD_ID, encode_prompt, train_tokenizer
 from .transformers_compat import cache_kwarg
 
@@ -92,8 +92,7 @@ def clean_prefix(canvas_target: torch.Tensor, p: float, gen: torch.Generator) ->
 
 
 def softcapped_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.lm_head(hidden).float()
-    return torch.tanh(logits / SOFTCAP) * SOFTCAP
+    return softcapped(model.lm_head(hidden))
 
 
 def loss_on_batch(model, batch: Batch, gen: torch.Generator, self_cond_p: float = 0.5,

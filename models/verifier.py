@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 import torch
 
 from .acceptance import greedy_acceptance
-from .architecture import SOFTCAP
+from .architecture import softcapped
 from .deadline import past
 from .loading import eos_ids, left_padded
 from .transformers_compat import cache_kwarg
@@ -65,7 +65,7 @@ class DiffusionCausalLM:
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
         lm = self.model.model.encoder.language_model
         out = lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **cache_kwarg(lm, cache))
-        return torch.tanh(self.model.lm_head(out.last_hidden_state).float() / SOFTCAP) * SOFTCAP
+        return softcapped(self.model.lm_head(out.last_hidden_state))
 
 
 class TransformersCausalLM:

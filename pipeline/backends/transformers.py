@@ -93,10 +93,11 @@ class TransformersDrafter:
             telemetry.record_speculation(job.trace, start, r)
             return speculative_result(prompt, r)
 
-        return stream_in_thread(
-            self.tokenizer,
-            tracked(self.work, job.deadline, lambda emit: self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
-                                               temperature=job.temperature, deadline=job.deadline)), finish)
+        def produce(emit):
+            return self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
+                                         temperature=job.temperature, deadline=job.deadline)
+
+        return stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
     def draft_many_sync(self, jobs: Sequence[Job]) -> list[TextResult]:
         """Draft several jobs as ONE denoising batch (what ``@serve.batch`` feeds)."""

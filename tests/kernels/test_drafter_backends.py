@@ -3,7 +3,8 @@
 import torch
 
 from models import tasks
-from models.drafter import DiffusionDrafter, softcapped
+from models.architecture import softcapped
+from models.drafter import DiffusionDrafter
 from models.tokenizer import encode_prompt
 from models.transformers_compat import cache_kwarg
 
