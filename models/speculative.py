@@ -29,16 +29,18 @@ forward IS the encoder pass that extends the drafter's context, so drafter and v
 cache and a round costs one encoder forward plus the denoising steps. With a separate causal LM the
 drafter's cache is extended by one extra encoder pass over the accepted tokens.
 
-:func:`speculate_rounds` runs the same greedy rounds between two services that do not share a
-process or a cache: an async ``draft_canvas`` (a vLLM engine, or :meth:`DiffusionDrafter.draft_canvas`)
-and an async verifier (a vLLM engine, or the Verifier deployment over a Ray handle).
+:func:`_round_loop` is the one loop; a **session** answers its three calls (first token, draft,
+verify): :class:`SharedCacheSession` in this process (shared cache, greedy or sampled), or
+:class:`RemoteSession` between two services that share no process or cache (an async
+``draft_canvas``: a vLLM engine or :meth:`DiffusionDrafter.draft_canvas`; an async verifier: a vLLM
+engine or the Verifier deployment over a Ray handle).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Generator, Protocol, Sequence
 
 import torch
 
@@ -85,40 +87,52 @@ class RoundVerifier(Protocol):
 DraftCanvas = Callable[[Sequence[int], int, int], Awaitable[tuple[list[int], int | None]]]
 
 
-async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, prompt: Sequence[int],
-                           max_new_tokens: int, width: int, detok: Callable[[list[int]], str],
-                           on_tokens: Callable[[list[int]], None] | None = None,
-                           deadline: float | None = None) -> SpeculativeResult:
-    """Greedy speculative decoding between two services: each round ``draft_canvas(prefix,
-    first_token, width)`` proposes a canvas whose first token is the verifier's known next token;
-    ``verifier.verify`` accepts its longest greedy-agreeing prefix and names the correction token,
-    which starts the next round. The output is the verifier's greedy output, token for token (the
-    rule of :class:`SpeculativeDecoder`); a round costs one draft and one verifier call."""
+class RoundSession(Protocol):
+    """What the round loop asks of one decode, with methods plain (in-process, shared cache) or
+    async (two services): ``first_token(prompt)``, the verifier's token after the prompt;
+    ``draft(prefix, first, width)``, a canvas after ``prefix`` whose position 0 is ``first``, and
+    its denoising steps; ``verify(prefix, canvas)``, one verifier forward over ``prefix + canvas``,
+    keeping the accepted canvas prefix in whatever cache the session holds. ``verify`` returns a
+    :class:`Verification` whose ``accepted`` counts the kept canvas tokens, ``canvas[0]`` (the
+    verifier's own token) included."""
+
+    eos_ids: frozenset[int]
+
+
+Call = tuple[str, tuple]  # (session method, its arguments): what the loop asks for next
+
+
+def _round_loop(prompt: Sequence[int], max_new_tokens: int, width: int, eos_ids: frozenset[int],
+                detok: Callable[[list[int]], str], on_tokens: Callable[[list[int]], None] | None,
+                deadline: float | None) -> Generator[Call, object, SpeculativeResult]:
+    """THE round loop (rule above), written once and free of I/O: it yields the session calls it
+    needs and is sent their answers, so :func:`run_rounds` drives it over plain methods and
+    :func:`speculate_rounds` over awaited ones."""
     start = time.perf_counter()
-    nxt = await verifier.next_token(prompt)
+    nxt = yield ("first_token", (list(prompt),))
     out: list[int] = []
     accepted: list[int] = []
     ends: list[float] = []
     steps: list[int] = []
     forwards, finished = 1, False
     while nxt is not None and len(out) < max_new_tokens and not past(deadline):
-        if nxt in verifier.eos_ids:
+        if nxt in eos_ids:
             finished = True
             break
         prefix = list(prompt) + out
-        canvas, n_steps = await draft_canvas(prefix, nxt, width)
+        canvas, n_steps = yield ("draft", (prefix, nxt, width))
         if n_steps is not None:
             steps.append(n_steps)
         canvas = list(canvas)[: max_new_tokens - len(out)] or [nxt]
         canvas[0] = nxt
-        cut = next((i for i, t in enumerate(canvas) if t in verifier.eos_ids), None)
+        cut = next((i for i, t in enumerate(canvas) if t in eos_ids), None)
         canvas = canvas if cut is None else canvas[: cut + 1]
-        v = await verifier.verify(prefix, canvas)
+        v = yield ("verify", (prefix, canvas))
         forwards += 1
         keep = canvas[: max(1, v.accepted)]
         accepted.append(len(keep))
         ends.append(time.perf_counter() - start)
-        emitted = [t for t in keep if t not in verifier.eos_ids]
+        emitted = [t for t in keep if t not in eos_ids]
         out += emitted
         if on_tokens is not None and emitted:
             on_tokens(emitted)
@@ -131,6 +145,121 @@ async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, p
                              accepted=tuple(accepted), verifier_forwards=forwards, denoising_steps=sum(steps),
                              total_s=time.perf_counter() - start, round_steps=tuple(steps),
                              round_ends_s=tuple(ends))
+
+
+def run_rounds(session: RoundSession, prompt: Sequence[int], max_new_tokens: int, width: int,
+               detok: Callable[[list[int]], str], on_tokens: Callable[[list[int]], None] | None = None,
+               deadline: float | None = None) -> SpeculativeResult:
+    """The round loop over a session whose methods return their answers."""
+    loop = _round_loop(prompt, max_new_tokens, width, session.eos_ids, detok, on_tokens, deadline)
+    answer = None
+    try:
+        while True:
+            name, args = loop.send(answer)
+            answer = getattr(session, name)(*args)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def arun_rounds(session: RoundSession, prompt: Sequence[int], max_new_tokens: int, width: int,
+                      detok: Callable[[list[int]], str], on_tokens: Callable[[list[int]], None] | None = None,
+                      deadline: float | None = None) -> SpeculativeResult:
+    """The round loop over a session whose methods are awaited."""
+    loop = _round_loop(prompt, max_new_tokens, width, session.eos_ids, detok, on_tokens, deadline)
+    answer = None
+    try:
+        while True:
+            name, args = loop.send(answer)
+            answer = await getattr(session, name)(*args)
+    except StopIteration as stop:
+        return stop.value
+
+
+class RemoteSession:
+    """Two services that share no process or cache: an async ``draft_canvas`` and a
+    :class:`RoundVerifier`. Greedy: the verifier returns its choices, not its distribution."""
+
+    def __init__(self, verifier: RoundVerifier, draft_canvas: DraftCanvas):
+        self.verifier = verifier
+        self.draft = draft_canvas
+        self.eos_ids = verifier.eos_ids
+
+    async def first_token(self, prompt: list[int]) -> int | None:
+        return await self.verifier.next_token(prompt)
+
+    async def verify(self, prefix: list[int], canvas: list[int]) -> Verification:
+        return await self.verifier.verify(prefix, canvas)
+
+
+async def speculate_rounds(verifier: RoundVerifier, draft_canvas: DraftCanvas, prompt: Sequence[int],
+                           max_new_tokens: int, width: int, detok: Callable[[list[int]], str],
+                           on_tokens: Callable[[list[int]], None] | None = None,
+                           deadline: float | None = None) -> SpeculativeResult:
+    """Greedy speculative decoding between two services (a :class:`RemoteSession`): a round costs
+    one ``draft_canvas`` call and one ``verifier.verify`` call; the output is the verifier's greedy
+    output, token for token."""
+    return await arun_rounds(RemoteSession(verifier, draft_canvas), prompt, max_new_tokens, width, detok,
+                             on_tokens, deadline)
+
+
+class SharedCacheSession:
+    """One decode with drafter and verifier in this process. With the drafter's own weights as
+    verifier the verify forward IS the encoder pass that extends the drafter's context (one cache);
+    with a separate causal LM the drafter's cache is extended by an encoder pass over the accepted
+    tokens. Sampled at ``temperature > 0`` (see the module docstring)."""
+
+    def __init__(self, decoder: "SpeculativeDecoder", prompt: list[int], max_new_tokens: int, seed: int,
+                 temperature: float, deadline: float | None):
+        self.d, self.lm = decoder.drafter, decoder.verifier.lm
+        self.shared, self.settings, self.eos_ids = decoder.shared, decoder.settings, decoder.eos_ids
+        self.prompt_len, self.budget, self.seed, self.deadline = len(prompt), max_new_tokens, seed, deadline
+        self.temperature = temperature
+        self.sampled = temperature >= MIN_TEMPERATURE
+        self.gen = torch.Generator().manual_seed(seed) if self.sampled else None
+        self.rounds = 0
+
+    def _mask(self, n: int) -> torch.Tensor:
+        return torch.ones(1, n, dtype=torch.bool, device=self.d.device)
+
+    def _draw(self, row_logits: torch.Tensor) -> int:
+        if not self.sampled:
+            return int(row_logits.argmax())
+        p = torch.softmax(row_logits.float().cpu() / self.temperature, -1)
+        return int(torch.multinomial(p, 1, generator=self.gen))
+
+    def first_token(self, prompt: list[int]) -> int:
+        ids = torch.tensor([prompt], device=self.d.device)
+        self.vcache = self.lm.new_cache()
+        logits = self.lm.logits(ids, self._mask(len(prompt)), 0, self.vcache)
+        self.dcache = self.vcache
+        if not self.shared:  # the drafter keeps its own context cache
+            self.dcache = self.d.new_cache()
+            self.d.encode(self.dcache, ids, self._mask(len(prompt)), 0)
+        return self._draw(logits[0, -1])
+
+    def draft(self, prefix: list[int], first: int, width: int) -> tuple[list[int], int]:
+        row = DraftRow(prompt_len=self.prompt_len, budget=self.budget, hook=PinFirst(first), deadline=self.deadline)
+        row.tokens = prefix[self.prompt_len:]
+        drafted = self.d.denoise_canvas(self.dcache, self._mask(len(prefix)), len(prefix), [row], self.rounds,
+                                        self.seed, self.settings)
+        self.rounds += 1
+        return drafted.argmax[0].tolist(), drafted.steps[0]
+
+    def verify(self, prefix: list[int], canvas: list[int]) -> Verification:
+        cur = len(prefix)
+        x = torch.tensor([canvas], device=self.d.device)
+        vlog = self.lm.logits(x, self._mask(cur + len(canvas)), cur, self.vcache)[0]
+        # canvas[0] is the verifier's own token; vlog[i] scores what follows canvas[: i + 1]
+        if self.sampled:
+            v = sampled_acceptance(canvas[1:], vlog, self.temperature, self.gen)
+        else:
+            v = greedy_acceptance(canvas[1:], vlog.argmax(-1).tolist())
+        k = 1 + v.accepted
+        if len(canvas) > k:
+            self.vcache.crop(-(len(canvas) - k))
+        if not self.shared:
+            self.d.encode(self.dcache, torch.tensor([canvas[:k]], device=self.d.device), self._mask(cur + k), cur)
+        return Verification(k, v.correction)
 
 
 class SpeculativeDecoder:
@@ -152,86 +281,11 @@ class SpeculativeDecoder:
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens must be positive")
-        start = time.perf_counter()
-        d, lm = self.drafter, self.verifier.lm
-        dev = d.device
-        seed = seed if seed is not None else 0
+        session = SharedCacheSession(self, list(prompt), max_new_tokens, seed if seed is not None else 0,
+                                     temperature, deadline)
+        tokenizer = self.drafter.tokenizer
 
-        ids = torch.tensor([prompt], device=dev)
-        vcache = lm.new_cache()
-        logits = lm.logits(ids, torch.ones_like(ids, dtype=torch.bool), 0, vcache)
-        dcache = vcache
-        if not self.shared:  # the drafter keeps its own context cache
-            dcache = d.new_cache()
-            d.encode(dcache, ids, torch.ones_like(ids, dtype=torch.bool), 0)
-        sampled = temperature >= MIN_TEMPERATURE
-        gen = torch.Generator().manual_seed(seed) if sampled else None
+        def detok(out: list[int]) -> str:
+            return tokenizer.decode(out, skip_special_tokens=True)
 
-        def draw(row_logits: torch.Tensor) -> int:
-            if not sampled:
-                return int(row_logits.argmax())
-            p = torch.softmax(row_logits.float().cpu() / temperature, -1)
-            return int(torch.multinomial(p, 1, generator=gen))
-
-        nxt = draw(logits[0, -1])
-        cur = len(prompt)
-        out: list[int] = []
-        accepted: list[int] = []
-        round_steps: list[int] = []
-        round_ends: list[float] = []
-        forwards, steps, finished = 1, 0, False
-        while not past(deadline):
-            if nxt in self.eos_ids:
-                finished = True
-                break
-            row = DraftRow(prompt_len=len(prompt), budget=max_new_tokens, hook=PinFirst(nxt), deadline=deadline)
-            row.tokens = out
-            ctx_mask = torch.ones(1, cur, dtype=torch.bool, device=dev)
-            drafted = d.denoise_canvas(dcache, ctx_mask, cur, [row], len(accepted), seed, self.settings)
-            canvas = drafted.argmax[0].tolist()
-            steps += drafted.steps[0]
-            round_steps.append(drafted.steps[0])
-            canvas = canvas[: max_new_tokens - len(out)]
-            cut = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
-            if cut is not None:
-                canvas = canvas[: cut + 1]
-            x = torch.tensor([canvas], device=dev)
-            vlog = lm.logits(x, torch.ones(1, cur + len(canvas), dtype=torch.bool, device=dev), cur, vcache)[0]
-            forwards += 1
-            # canvas[0] is the verifier's own token; vlog[i] scores what follows canvas[: i + 1]
-            if sampled:
-                v = sampled_acceptance(canvas[1:], vlog, temperature, gen)
-            else:
-                v = greedy_acceptance(canvas[1:], vlog.argmax(-1).tolist())
-            k, correction = 1 + v.accepted, v.correction
-            keep = canvas[:k]
-            if len(canvas) > k:
-                vcache.crop(-(len(canvas) - k))
-            if not self.shared:
-                kt = torch.tensor([keep], device=dev)
-                d.encode(dcache, kt, torch.ones(1, cur + k, dtype=torch.bool, device=dev), cur)
-            cur += k
-            accepted.append(k)
-            round_ends.append(time.perf_counter() - start)
-            emitted = keep[:-1] if keep[-1] in self.eos_ids else keep
-            out.extend(emitted)
-            if on_tokens is not None and emitted:
-                on_tokens(list(emitted))
-            if keep[-1] in self.eos_ids:
-                finished = True
-                break
-            if len(out) >= max_new_tokens:
-                break
-            nxt = correction
-        return SpeculativeResult(
-            token_ids=tuple(out),
-            text=d.tokenizer.decode(out, skip_special_tokens=True),
-            finished=finished,
-            drafts=len(accepted),
-            accepted=tuple(accepted),
-            verifier_forwards=forwards,
-            denoising_steps=steps,
-            total_s=time.perf_counter() - start,
-            round_steps=tuple(round_steps),
-            round_ends_s=tuple(round_ends),
-        )
+        return run_rounds(session, prompt, max_new_tokens, self.drafter.canvas_length, detok, on_tokens, deadline)
