@@ -62,10 +62,10 @@ def main(argv=None) -> None:
         out = asyncio.run(pipe.run(job, RouteDecision("diffusion", "bench")))
         times.append(time.perf_counter() - t0)
         valid.append(schema_valid(out.result.text, ex.schema))
-        repairs += bool(out.stats.get("repair_used"))
-        fallbacks += bool(out.stats.get("fallback_used"))
-        if out.stats.get("repair_used"):
-            reused.append(out.stats.get("repair_reused_tokens", 0))
+        repairs += bool(out.stats.repair_used)
+        fallbacks += bool(out.stats.fallback_used)
+        if out.stats.repair_used:
+            reused.append(out.stats.repair_reused_tokens or 0)
     record("pipeline", valid, times, {"repair_rate": round(repairs / len(exs), 4), "fallback_rate": round(fallbacks / len(exs), 4),
                                       "repair_reused_tokens_mean": round(sum(reused) / max(1, len(reused)), 2)})
     result = {"n": a.n, "seed": a.seed, **rows}

@@ -58,8 +58,8 @@ class ARHandle:
         async for chunk in self.handle.options(stream=True).stream.remote(job):
             yield chunk
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await _call(self.handle.repair, job, draft_text)
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        return await _call(self.handle.repair, job, draft)
 
 
 class VerifierHandle:

@@ -105,8 +105,8 @@ class DrafterDeployment:
         async for chunk in self._ar().stream(job):
             yield chunk
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await self._ar().repair(job, draft_text)
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        return await self._ar().repair(job, draft)
 
     async def speculate(self, job: Job) -> TextResult:
         return await self.roles.drafter.speculate(job)
@@ -154,8 +154,8 @@ class VerifierDeployment:
     async def generate(self, job: Job) -> TextResult:
         return await self.roles.ar.generate(job)
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await self.roles.ar.repair(job, draft_text)
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        return await self.roles.ar.repair(job, draft)
 
     async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.roles.ar.stream(job):

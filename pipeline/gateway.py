@@ -43,7 +43,7 @@ from .errors import (
     PipelineError,
     Unauthorized,
 )
-from .interfaces import Constraint, ConstraintKind, Job
+from .interfaces import Constraint, ConstraintKind, Job, Stats
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
 from .telemetry import Metrics, NoMetrics, RequestObservation
@@ -144,7 +144,7 @@ class RequestRecord:
         self.stream = False
         self.structured = False
         self.first_chunk_s: float | None = None
-        self.stats: dict[str, Any] = {}  # filled by the pipeline as its stages run
+        self.stats = Stats()  # filled by the pipeline as its stages run
         self.closed = False
 
     def request(self, job: Job, decision: RouteDecision, stream: bool) -> None:
@@ -182,9 +182,9 @@ class RequestRecord:
             self.span.set_attribute(telemetry.GEN_AI_FINISH_REASONS, ["stop" if result.finished else "length"])
         if response_id:
             self.span.set_attribute(telemetry.GEN_AI_RESPONSE_ID, response_id)
-        for key in ("draft_valid", "repair_used", "fallback_used", "validated", "drafter_overloaded", "drafter_error"):
-            if key in stats:
-                self.span.set_attribute(f"dgserve.{key}", stats[key])
+        telemetry.attributes(self.span, {f"dgserve.{key}": getattr(stats, key) for key in (
+            "draft_valid", "repair_used", "fallback_used", "validated", "drafter_overloaded", "drafter_error")
+            if getattr(stats, key) is not None})
         if error is not None:
             telemetry.fail(self.span, error)
         self.span.end()
@@ -345,7 +345,7 @@ class Gateway:
                       total_tokens=r.prompt_tokens + r.completion_tokens)
         finish = "stop" if r.finished else "length"
         route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
-        stats = {k: v for k, v in outcome.stats.items() if isinstance(v, (int, float, bool, str))}
+        stats = {k: v for k, v in outcome.stats.as_dict().items() if isinstance(v, (int, float, bool, str))}
         if chat:
             body = ChatCompletion(model=self.model_name, usage=usage, route=route, stats=stats,
                                   choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])

@@ -15,7 +15,7 @@ Ray Serve handles (``deployments/``), which implement them with the same signatu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator, Protocol
 
 from models.constraints import (
@@ -46,13 +46,80 @@ class Job:
     deadline: float | None = None
 
 
+@dataclass
+class Stats:
+    """What the stages report about one answer: the response's ``stats``, the spans' ``dgserve.*``
+    attributes and the metrics read these fields. ``None``: the stage that reports it did not run."""
+
+    backend: str | None = None  # "vllm" where the vLLM engines served it
+    # the draft (models/drafter.py)
+    canvases: int | None = None
+    canvas_steps: tuple[int, ...] | None = None  # denoising steps of each canvas
+    denoising_steps: int | None = None
+    steps_per_canvas: float | None = None
+    tokens_per_forward: float | None = None
+    first_chunk_s: float | None = None
+    draft_s: float | None = None
+    batch_size: int | None = None  # requests in the denoising batch
+    canvas_guided: bool | None = None  # the grammar steered the canvas
+    expired: bool | None = None  # a model loop stopped at the request's deadline
+    seed_ignored: bool | None = None  # the backend cannot honour a client's seed
+    # the verify route (models/speculative.py)
+    drafts: int | None = None
+    mean_accepted: float | None = None
+    accepted: tuple[int, ...] | None = None  # tokens accepted per round
+    verifier_forwards: int | None = None
+    verifier_forwards_per_token: float | None = None
+    verify_s: float | None = None
+    # AR
+    first_token_s: float | None = None
+    ar_s: float | None = None
+    constrained: bool | None = None  # decoded under the grammar
+    # repair: draft tokens kept (0: answered from scratch) of the draft's tokens
+    repair_reused_tokens: int | None = None
+    draft_tokens: int | None = None
+    # the orchestration (pipeline/orchestrator.py)
+    drafter_overloaded: bool | None = None
+    drafter_error: str | None = None  # the drafter's exception type; AR served the request
+    draft_valid: bool | None = None
+    repair_used: bool | None = None
+    fallback_used: bool | None = None
+    validated: bool | None = None
+
+    def update(self, other: "Stats") -> None:
+        """Take every field ``other`` reports."""
+        for f in fields(self):
+            value = getattr(other, f.name)
+            if value is not None:
+                setattr(self, f.name, value)
+
+    def merged(self, **values: Any) -> "Stats":
+        """A copy with ``values`` set."""
+        out = Stats()
+        out.update(self)
+        for name, value in values.items():
+            setattr(out, name, value)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The reported fields (sequences as lists)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
 @dataclass(frozen=True)
 class TextResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
     finished: bool  # ended by <eos> (else by the token budget)
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+    # the answer's token ids, where they are exactly ``text`` (None once text was cut, e.g. at a stop)
+    token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +163,10 @@ class ARService(Protocol):
         """One chunk per token."""
         ...
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
-        """Continue ``draft_text`` under the constraint from its longest accepted prefix."""
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        """Continue ``draft`` (its token ids where it has them, else its text) under the constraint
+        from its longest accepted prefix; ``stats.repair_reused_tokens`` says how much was kept
+        (0: the answer was made from scratch)."""
         ...
 
 

@@ -27,6 +27,7 @@ from .interfaces import (
     ARService,
     DraftService,
     Job,
+    Stats,
     TextChunk,
     TextResult,
     ValidationService,
@@ -39,7 +40,7 @@ from .streaming import StopScanner, cut_at_stop
 class Outcome:
     result: TextResult
     decision: RouteDecision
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,10 @@ class Pipeline:
 
     # -- non-streaming ----------------------------------------------------------------------
     async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
-                  stats: dict | None = None) -> Outcome:
+                  stats: Stats | None = None) -> Outcome:
         """``stats``, when given, is filled as the stages run, so a caller sees them on failure too."""
         stops = stops or []
-        stats = {} if stats is None else stats
+        stats = Stats() if stats is None else stats
         if decision.path == "ar":
             result = await self._ar("generate", self.ar.generate, job)
             stats.update(result.stats)
@@ -108,7 +109,7 @@ class Pipeline:
             result = await self._ensure_valid(job, result, stops, stats)
         return Outcome(result, decision, stats)
 
-    async def _draft_or_ar(self, job: Job, decision: RouteDecision, stats: dict
+    async def _draft_or_ar(self, job: Job, decision: RouteDecision, stats: Stats
                            ) -> tuple[TextResult, RouteDecision]:
         if self.drafter is None:
             raise Unavailable("no drafter is configured")
@@ -118,16 +119,16 @@ class Pipeline:
         try:
             with telemetry.span("dgserve.speculate" if verify else "dgserve.draft", job.trace, SpanKind.CLIENT) as sp:
                 result = await call(replace(job, trace=telemetry.carrier_of(sp)))
-                telemetry.attributes(sp, result.stats, "dgserve.")
+                telemetry.attributes(sp, result.stats.as_dict(), "dgserve.")
         except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
-            stats["drafter_overloaded"] = True
+            stats.drafter_overloaded = True
             result = await self._ar("generate", self.ar.generate, job)
             return result, RouteDecision("ar", "drafter queue full; served by AR")
         except PipelineError:  # the request's own fault (e.g. a constraint too complex): no health hit
             raise
         except Exception as e:  # a failing drafter replica must not fail the request
             self.health.failure()
-            stats["drafter_error"] = type(e).__name__
+            stats.drafter_error = type(e).__name__
             result = await self._ar("generate", self.ar.generate, job)
             return result, RouteDecision("ar", f"drafter failed ({type(e).__name__}); served by AR")
         finally:
@@ -136,33 +137,39 @@ class Pipeline:
         stats.update(result.stats)
         return result, decision
 
-    async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: dict) -> TextResult:
+    async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: Stats) -> TextResult:
         """Validate; if invalid, repair from the longest good prefix; then, by policy, a
-        from-scratch constrained AR answer; else :class:`OutputInvalid`. Never an invalid success."""
+        from-scratch constrained AR answer; else :class:`OutputInvalid`. Never an invalid success.
+        A repair that kept no draft token WAS that from-scratch answer (vLLM's repair always is), so
+        the fallback is not run a second time."""
         verdict = await self._validate(job, result.text)
-        stats["draft_valid"] = verdict.ok
+        stats.draft_valid = verdict.ok
+        if verdict.ok:
+            stats.validated = True
+            return result
         errors = list(verdict.errors)
-        candidates = [("repair", lambda: self._ar("repair", self.ar.repair, job, result.text))]
-        if self.structured.on_repair_failure == "fallback":
-            candidates.append(("fallback", lambda: self._ar("fallback", self.ar.generate, job)))
-        while not verdict.ok and candidates:
-            name, attempt = candidates.pop(0)
-            stats[f"{name}_used"] = True
-            result = _apply_stops(await attempt(), stops)
-            for key in ("repair_reused_tokens", "draft_tokens"):
-                if name == "repair" and key in result.stats:
-                    stats[key] = result.stats[key]
+        stats.repair_used = True
+        draft = result
+        result = _apply_stops(await self._ar("repair", self.ar.repair, job, draft), stops)
+        stats.repair_reused_tokens = result.stats.repair_reused_tokens
+        stats.draft_tokens = result.stats.draft_tokens
+        verdict = await self._validate(job, result.text)
+        errors += verdict.errors
+        if (not verdict.ok and self.structured.on_repair_failure == "fallback"
+                and result.stats.repair_reused_tokens != 0):
+            stats.fallback_used = True
+            result = _apply_stops(await self._ar("fallback", self.ar.generate, job), stops)
             verdict = await self._validate(job, result.text)
             errors += verdict.errors
         if not verdict.ok:
             raise OutputInvalid("no answer satisfying the response_format was produced: "
                                 + "; ".join(errors[:4]), code="validation_failed")
-        stats["validated"] = True
+        stats.validated = True
         return result
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
-                     stats: dict | None = None) -> AsyncIterator[TextChunk]:
+                     stats: Stats | None = None) -> AsyncIterator[TextChunk]:
         """Chunks of the answer; the last one carries the result. Structured answers are sent
         only once validated (one chunk), so a stream never shows an invalid answer."""
         stops = stops or []
@@ -203,7 +210,7 @@ class Pipeline:
         finally:
             self.drafts_in_flight -= decision.path != "ar"
             if final is not None:
-                telemetry.attributes(sp, final.stats, "dgserve.")
+                telemetry.attributes(sp, final.stats.as_dict(), "dgserve.")
                 if stats is not None:
                     stats.update(final.stats)
             sp.end()
@@ -214,8 +221,9 @@ class Pipeline:
             sent += tail
             yield TextChunk(tail)
         if final is None:
-            final = TextResult(sent, 0, 0, True, {})
-        yield TextChunk("", replace(final, text=sent, finished=final.finished or scanner.stopped))
+            final = TextResult(sent, 0, 0, True)
+        yield TextChunk("", replace(final, text=sent, finished=final.finished or scanner.stopped,
+                                    token_ids=final.token_ids if sent == final.text else None))
 
 
 def _check_deadline(job: Job, stage: str) -> None:
@@ -229,7 +237,7 @@ def _apply_stops(result: TextResult, stops: list[str]) -> TextResult:
     if not stops:
         return result
     text, hit = cut_at_stop(result.text, stops)
-    return replace(result, text=text, finished=result.finished or hit) if hit else result
+    return replace(result, text=text, finished=result.finished or hit, token_ids=None) if hit else result
 
 
 async def _guard_stream(source: AsyncIterator[TextChunk], path: str) -> AsyncIterator[TextChunk]:

@@ -9,22 +9,18 @@ from typing import AsyncIterator, Sequence
 
 from . import telemetry
 from .errors import BadRequest
-from .interfaces import Job, TextChunk, TextResult
+from .interfaces import Job, Stats, TextChunk, TextResult
 from .streaming import text_chunks
 from .tokens import detokenizer, encode_job
 
 
 def speculative_result(prompt: Sequence[int], r) -> TextResult:
     """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`)."""
-    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, {
-        "drafts": r.drafts,
-        "mean_accepted": round(r.mean_accepted, 3),
-        "accepted": list(r.accepted),
-        "verifier_forwards": r.verifier_forwards,
-        "verifier_forwards_per_token": round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
-        "denoising_steps": r.denoising_steps,
-        "verify_s": round(r.total_s, 4),
-    })
+    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, Stats(
+        drafts=r.drafts, mean_accepted=round(r.mean_accepted, 3), accepted=tuple(r.accepted),
+        verifier_forwards=r.verifier_forwards,
+        verifier_forwards_per_token=round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
+        denoising_steps=r.denoising_steps, verify_s=round(r.total_s, 4)), tuple(r.token_ids))
 
 
 class RoundSpeculation:

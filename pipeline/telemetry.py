@@ -32,6 +32,8 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .interfaces import Stats
+
 TRACER = "dgserve"
 _propagator = TraceContextTextMapPropagator()
 _configured = False
@@ -274,7 +276,7 @@ class RequestObservation:
     structured: bool
     total_s: float
     first_chunk_s: float | None = None  # streaming only
-    stats: Mapping[str, Any] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
 
 
 def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, str]]]:
@@ -287,29 +289,29 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
     ]
     if obs.first_chunk_s is not None:
         ev.append(("dgserve_time_to_first_chunk_seconds", obs.first_chunk_s, {"route": obs.route}))
-    if st.get("drafter_overloaded"):
+    if st.drafter_overloaded:
         ev.append(("dgserve_drafter_fallbacks", 1, {"reason": "overloaded"}))
-    if st.get("drafter_error"):
+    if st.drafter_error:
         ev.append(("dgserve_drafter_fallbacks", 1, {"reason": "error"}))
     if obs.structured and obs.route != "none":
         ev.append(("dgserve_structured_requests", 1, {"route": obs.route}))
-        if "draft_valid" in st:
-            result = "valid" if st["draft_valid"] else "invalid"
+        if st.draft_valid is not None:
+            result = "valid" if st.draft_valid else "invalid"
             ev.append(("dgserve_draft_validations", 1, {"route": obs.route, "result": result}))
-    if st.get("repair_used"):
+    if st.repair_used:
         ev.append(("dgserve_repairs", 1, {}))
-    if st.get("fallback_used"):
+    if st.fallback_used:
         ev.append(("dgserve_structured_fallbacks", 1, {}))
-    for steps in st.get("canvas_steps", ()) or ():
+    for steps in st.canvas_steps or ():
         ev.append(("dgserve_denoising_steps_per_canvas", steps, {}))
-    if "tokens_per_forward" in st:
-        ev.append(("dgserve_tokens_per_forward", st["tokens_per_forward"], {"route": obs.route}))
-    for acc in st.get("accepted", ()) or ():
+    if st.tokens_per_forward is not None:
+        ev.append(("dgserve_tokens_per_forward", st.tokens_per_forward, {"route": obs.route}))
+    for acc in st.accepted or ():
         ev.append(("dgserve_accepted_draft_length", acc, {}))
-    if "drafts" in st:
-        ev.append(("dgserve_verify_drafts_per_request", st["drafts"], {}))
-    if "verifier_forwards_per_token" in st:
-        ev.append(("dgserve_verifier_forwards_per_token", st["verifier_forwards_per_token"], {}))
+    if st.drafts is not None:
+        ev.append(("dgserve_verify_drafts_per_request", st.drafts, {}))
+    if st.verifier_forwards_per_token is not None:
+        ev.append(("dgserve_verifier_forwards_per_token", st.verifier_forwards_per_token, {}))
     return ev
 
 

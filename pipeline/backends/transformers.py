@@ -6,12 +6,13 @@ denoises."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import AsyncIterator, Iterator, Sequence
 
 from .. import telemetry
 from ..errors import BadRequest
 from ..health import WorkTracker, batch_deadline, tracked
-from ..interfaces import Job, TextChunk, TextResult
+from ..interfaces import Job, Stats, TextChunk, TextResult
 from ..speculation import RoundSpeculation, speculative_result
 from ..streaming import stream_in_thread
 from ..tokens import encode_job
@@ -34,16 +35,12 @@ def grammar_for(grammar, job: Job, build):
         return None
 
 
-def draft_stats(d) -> dict:
-    return {
-        "canvases": len(d.steps_per_canvas),
-        "canvas_steps": list(d.steps_per_canvas),
-        "denoising_steps": sum(d.steps_per_canvas),
-        "steps_per_canvas": round(sum(d.steps_per_canvas) / max(1, len(d.steps_per_canvas)), 2),
-        "tokens_per_forward": round(d.tokens_per_forward, 2),
-        "first_chunk_s": round(d.first_canvas_s, 4),
-        "draft_s": round(d.total_s, 4),
-    }
+def draft_stats(d, **extra) -> Stats:
+    n = len(d.steps_per_canvas)
+    return Stats(canvases=n, canvas_steps=tuple(d.steps_per_canvas), denoising_steps=sum(d.steps_per_canvas),
+                 steps_per_canvas=round(sum(d.steps_per_canvas) / max(1, n), 2),
+                 tokens_per_forward=round(d.tokens_per_forward, 2), first_chunk_s=round(d.first_canvas_s, 4),
+                 draft_s=round(d.total_s, 4), expired=True if d.expired else None, **extra)
 
 
 class TransformersDrafter:
@@ -110,8 +107,7 @@ class TransformersDrafter:
         for j, d in zip(jobs, drafts):  # one batch, one span tree per request's own trace
             telemetry.record_draft(j.trace, start, d, len(jobs))
         return [TextResult(d.text, len(p), len(d.token_ids), d.finished,
-                           {**draft_stats(d), "batch_size": len(jobs), "canvas_guided": h is not None,
-                            **({"expired": True} if d.expired else {})})
+                           draft_stats(d, batch_size=len(jobs), canvas_guided=h is not None), d.token_ids)
                 for p, d, h in zip(prompts, drafts, hooks)]
 
     async def draft_many(self, jobs: Sequence[Job]) -> list[TextResult]:
@@ -131,7 +127,7 @@ class TransformersDrafter:
 
         def finish(d, ids):
             telemetry.record_draft(job.trace, start, d, 1)
-            return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d))
+            return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d), d.token_ids)
 
         return stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
@@ -161,8 +157,8 @@ class TransformersAR:
         ids = prefix + list(g.token_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return TextResult(text, len(prompt), len(ids), g.finished,
-                          {"first_token_s": round(g.first_token_s, 4), "ar_s": round(g.total_s, 4),
-                           "constrained": processor is not None, **({"expired": True} if g.expired else {})})
+                          Stats(first_token_s=round(g.first_token_s, 4), ar_s=round(g.total_s, 4),
+                                constrained=processor is not None, expired=True if g.expired else None), tuple(ids))
 
     def generate_sync(self, job: Job) -> TextResult:
         with telemetry.span("ar.generate", job.trace) as sp:
@@ -170,24 +166,25 @@ class TransformersAR:
             _ar_attributes(sp, result)
             return result
 
-    def repair_sync(self, job: Job, draft_text: str) -> TextResult:
-        """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""
+    def repair_sync(self, job: Job, draft: TextResult) -> TextResult:
+        """Keep the longest draft prefix the grammar accepts; AR continues under the grammar. The
+        draft's own token ids are used where it carries them (its text is tokenized otherwise)."""
         with telemetry.span("ar.repair", job.trace) as sp:
             prompt = encode_job(self.tokenizer, job)
             c = job.constraint
-            ids = self.tokenizer(draft_text, add_special_tokens=False)["input_ids"][: job.max_tokens - 1]
+            ids = (list(draft.token_ids) if draft.token_ids is not None
+                   else self.tokenizer(draft.text, add_special_tokens=False)["input_ids"])[: job.max_tokens - 1]
             keep = grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
             if keep is None:  # no grammar for this constraint: answer afresh
                 result = self._run(job, prompt, [], job.max_tokens)
             else:
                 result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
-                result = TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
-                                    {**result.stats, "repair_reused_tokens": keep, "draft_tokens": len(ids)})
+                result = replace(result, stats=result.stats.merged(repair_reused_tokens=keep, draft_tokens=len(ids)))
             _ar_attributes(sp, result)
             return result
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
-        return await asyncio.to_thread(tracked(self.work, job.deadline, self.repair_sync), job, draft_text)
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        return await asyncio.to_thread(tracked(self.work, job.deadline, self.repair_sync), job, draft)
 
     async def generate(self, job: Job) -> TextResult:
         return await asyncio.to_thread(tracked(self.work, job.deadline, self.generate_sync), job)
@@ -223,7 +220,7 @@ class TransformersAR:
 
         def finish(n, ids):  # fewer tokens than the budget means <eos> ended it
             result = TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), n,
-                                n < job.max_tokens, {})
+                                n < job.max_tokens, token_ids=tuple(ids))
             sp = telemetry.tracer().start_span("ar.stream", context=telemetry.parent(job.trace), start_time=start)
             _ar_attributes(sp, result)
             sp.end()
@@ -236,4 +233,4 @@ def _ar_attributes(span, result: TextResult) -> None:
     telemetry.attributes(span, {telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens,
                                 telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens,
                                 "dgserve.finished": result.finished})
-    telemetry.attributes(span, result.stats, "dgserve.")
+    telemetry.attributes(span, result.stats.as_dict(), "dgserve.")

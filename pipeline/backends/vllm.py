@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 from typing import AsyncIterator
 
 from models.constraints import GRAMMAR_KINDS
 
 from .. import telemetry
 from ..errors import BadRequest
-from ..interfaces import Job, TextChunk, TextResult
+from ..interfaces import Job, Stats, TextChunk, TextResult
 from ..speculation import RoundSpeculation
 from ..streaming import text_chunks
 from ..tokens import detokenizer, encode_job
@@ -50,16 +51,17 @@ class VLLMAR:
             kind, spec = _constraint(job)
             r = await self.engine.generate(prompt, job.max_tokens, self._detok, job.temperature, job.seed, kind, spec)
             result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished,
-                                {"first_token_s": round(r.first_token_s, 4), "ar_s": round(r.total_s, 4),
-                                 "constrained": kind in GRAMMAR_KINDS})
+                                Stats(first_token_s=round(r.first_token_s, 4), ar_s=round(r.total_s, 4),
+                                      constrained=kind in GRAMMAR_KINDS), tuple(r.token_ids))
             telemetry.attributes(sp, {telemetry.GEN_AI_INPUT_TOKENS: result.prompt_tokens,
                                       telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
             return result
 
-    async def repair(self, job: Job, draft_text: str) -> TextResult:
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        """A from-scratch constrained answer (``repair_reused_tokens`` 0), so the orchestration does
+        not run the same generate again as its fallback."""
         result = await self.generate(job)
-        return TextResult(result.text, result.prompt_tokens, result.completion_tokens, result.finished,
-                          {**result.stats, "repair_reused_tokens": 0})
+        return replace(result, stats=result.stats.merged(repair_reused_tokens=0))
 
     # -- what a drafter elsewhere calls per verify round (models.speculative.RoundVerifier) -------
     @property
@@ -76,13 +78,13 @@ class VLLMAR:
         prompt = encode_job(self.tokenizer, job)
         kind, spec = _constraint(job)
         ids = self.engine.stream(prompt, job.max_tokens, job.temperature, job.seed, kind, spec)
-        return text_chunks(self.tokenizer, ids, lambda out, text: TextResult(text, len(prompt), len(out),
-                                                                          len(out) < job.max_tokens, {}))
+        return text_chunks(self.tokenizer, ids, lambda out, text: TextResult(
+            text, len(prompt), len(out), len(out) < job.max_tokens, token_ids=tuple(out)))
 
 
-def _ignored(job: Job) -> dict:
-    """What the diffusion runner cannot honour of this request (models/vllm_backend.py:DIFFUSION_REFUSED)."""
-    return {"seed_ignored": True} if job.seed is not None else {}
+def _ignored(job: Job) -> bool | None:
+    """``stats.seed_ignored``: the diffusion runner cannot honour a seed (models/vllm_backend.py:DIFFUSION_REFUSED)."""
+    return True if job.seed is not None else None
 
 
 class VLLMDrafter:
@@ -102,18 +104,19 @@ class VLLMDrafter:
         self.rounds = (RoundSpeculation(tokenizer, draft_canvas, verifier, verify_width or engine.canvas_length)
                        if verifier is not None else None)
 
-    def _stats(self, r, job: Job) -> dict:
+    def _stats(self, r, job: Job) -> Stats:
         canvases = max(1, math.ceil((len(r.token_ids) + r.finished) / self.engine.canvas_length))
-        return {"canvases": canvases, "first_chunk_s": round(r.first_token_s, 4), "draft_s": round(r.total_s, 4),
-                "backend": "vllm", **_ignored(job)}
+        return Stats(backend="vllm", canvases=canvases, first_chunk_s=round(r.first_token_s, 4),
+                     draft_s=round(r.total_s, 4), seed_ignored=_ignored(job))
 
     async def draft(self, job: Job) -> TextResult:
         with telemetry.span("drafter.draft", job.trace, attrs={"dgserve.backend": "vllm"}) as sp:
             prompt = encode_job(self.tokenizer, job)
             r = await self.engine.draft(prompt, job.max_tokens, self._detok)
-            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished, self._stats(r, job))
-            telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens, **{
-                f"dgserve.{k}": v for k, v in result.stats.items()}})
+            result = TextResult(r.text, len(prompt), len(r.token_ids), r.finished, self._stats(r, job),
+                                tuple(r.token_ids))
+            telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
+            telemetry.attributes(sp, result.stats.as_dict(), "dgserve.")
             return result
 
     async def draft_many(self, jobs) -> list[TextResult]:
@@ -132,7 +135,7 @@ class VLLMDrafter:
 
         return text_chunks(self.tokenizer, counted(), lambda out, text: TextResult(
             text, len(prompt), len(out), len(out) < job.max_tokens,
-            {"canvases": len(canvases), "backend": "vllm", **_ignored(job)}))
+            Stats(backend="vllm", canvases=len(canvases), seed_ignored=_ignored(job)), tuple(out)))
 
     def _rounds(self) -> RoundSpeculation:
         if self.rounds is None:

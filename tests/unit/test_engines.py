@@ -96,7 +96,7 @@ def test_engine_drafter_streams_verified_rounds_and_refuses_verify_without_a_ver
     assert "".join(c.text for c in chunks) == final.text
     whole = asyncio.run(drafter.speculate(job))
     assert whole.text == final.text and whole.completion_tokens == final.completion_tokens
-    assert whole.stats["drafts"] == final.stats["drafts"] and whole.stats["mean_accepted"] >= 1
+    assert whole.stats.drafts == final.stats.drafts and whole.stats.mean_accepted >= 1
     lone = VLLMDrafter(StandInDrafter(4), Tok(), None)
     with pytest.raises(BadRequest, match="verify route"):
         asyncio.run(lone.speculate(job))

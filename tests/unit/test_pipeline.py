@@ -10,7 +10,7 @@ from models import tasks
 from pipeline.assemble import transformers_roles
 from pipeline.errors import OutputInvalid
 from pipeline.health import DrafterHealth
-from pipeline.interfaces import Constraint, Job
+from pipeline.interfaces import Constraint, Job, TextResult
 from pipeline.orchestrator import Pipeline, StructuredPolicy
 from pipeline.router import RequestShape, RouteDecision
 from pipeline.streaming import StopScanner, cut_at_stop
@@ -59,16 +59,16 @@ def test_structured_answers_always_validate(backends):
     for ex in tasks.examples("eval", 51, 8, kind="json"):
         out = run(pipe.run(job_for(ex), RouteDecision("diffusion", "test")))
         validator_for(ex.schema)(ex.schema).validate(json.loads(out.result.text))
-        assert out.stats["validated"] is True and "draft_valid" in out.stats
+        assert out.stats.validated is True and out.stats.draft_valid is not None
 
 
 def test_repair_reuses_the_good_part_of_a_draft(backends):
     _, ar, _ = backends
     ex = tasks.example("eval", 52, 0, kind="json")
     broken = ex.target[: len(ex.target) // 2] + "@@@"
-    repaired = run(ar.repair(job_for(ex), broken))
+    repaired = run(ar.repair(job_for(ex), TextResult(broken, 0, 0, False)))
     validator_for(ex.schema)(ex.schema).validate(json.loads(repaired.text))
-    assert repaired.stats["repair_reused_tokens"] > 0
+    assert repaired.stats.repair_reused_tokens > 0
     assert repaired.text.startswith(ex.target[: len(ex.target) // 3])
 
 
@@ -103,7 +103,7 @@ def test_verify_route_equals_ar_greedy(backends):
         a = run(pipe.run(job, RouteDecision("verify", "test")))
         b = run(pipe.run(job, RouteDecision("ar", "test")))
         assert a.result.text == b.result.text
-        assert a.stats["drafts"] >= 1 and a.stats["mean_accepted"] >= 1
+        assert a.stats.drafts >= 1 and a.stats.mean_accepted >= 1
 
 
 def test_streams_end_with_the_full_result(backends):

@@ -48,7 +48,7 @@ def test_one_real_width_layer_runs_the_whole_pipeline(real):
     from models.drafter import DiffusionDrafter, DraftSettings
     from models.verifier import ARVerifier
     from pipeline.assemble import Wiring, local_pipeline
-    from pipeline.interfaces import Constraint, Job
+    from pipeline.interfaces import Constraint, Job, Stats
     from pipeline.router import RouteDecision
     from pipeline.tokens import encode_job
 
@@ -61,16 +61,16 @@ def test_one_real_width_layer_runs_the_whole_pipeline(real):
     assert pipe.ar.grammar.first_byte.shape[0] == REAL.vocab_size
     job = Job(messages=(("user", "Is Paris a city? Answer as JSON."),), prompt=None, max_tokens=12,
               constraint=Constraint("json_schema", SCHEMA))
-    stats: dict = {}
+    stats = Stats()
     outcome = asyncio.run(pipe.run(job, RouteDecision("diffusion", "test"), [], stats))
-    assert stats["validated"] is True and stats["canvas_guided"] is True
-    assert stats["denoising_steps"] == 1 and stats["steps_per_canvas"] == 1
+    assert stats.validated is True and stats.canvas_guided is True
+    assert stats.denoising_steps == 1 and stats.steps_per_canvas == 1
     assert outcome.result.text in ('{"ok":true}', '{"ok":false}')
-    if not stats["draft_valid"]:
-        assert stats["repair_used"] is True
+    if not stats.draft_valid:
+        assert stats.repair_used is True
     # the verify route at the real width: AR's greedy answer, token for token
     prose = Job(messages=(("user", "Describe Paris."),), prompt=None, max_tokens=2)
     spec = asyncio.run(pipe.drafter.speculate(prose))
     want = verifier.generate([encode_job(tokenizer, prose)], max_new_tokens=2)[0]
     assert spec.text == want.text and spec.completion_tokens == len(want.token_ids)
-    assert spec.stats["verifier_forwards"] >= 2
+    assert spec.stats.verifier_forwards >= 2

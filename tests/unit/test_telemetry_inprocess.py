@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pipeline import telemetry
 from pipeline.assemble import local_pipeline
 from pipeline.gateway import Gateway, Limits
+from pipeline.interfaces import Stats
 from pipeline.telemetry import MemoryMetrics, RequestObservation, metric_events
 
 PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
@@ -51,9 +52,9 @@ def test_exporter_selection_follows_the_otel_variables(monkeypatch):
 
 def test_metric_events_map_a_request_to_every_metric():
     obs = RequestObservation("diffusion", 200, True, True, 1.5, 0.2,
-                             {"draft_valid": False, "repair_used": True, "canvas_steps": [3, 5],
-                              "tokens_per_forward": 4.0, "accepted": [6, 2], "drafter_overloaded": True,
-                              "drafts": 2, "verifier_forwards_per_token": 0.375})
+                             Stats(draft_valid=False, repair_used=True, canvas_steps=(3, 5),
+                                   tokens_per_forward=4.0, accepted=(6, 2), drafter_overloaded=True,
+                                   drafts=2, verifier_forwards_per_token=0.375))
     ev = metric_events(obs)
     names = [n for n, _, _ in ev]
     assert ("dgserve_requests", 1, {"route": "diffusion", "status": "200", "stream": "true"}) in ev

@@ -136,7 +136,7 @@ def test_rounds_against_a_verifier_in_another_service_equal_its_greedy(drafter, 
         assert got.text == want.text and got.completion_tokens == len(want.token_ids)
         assert got.finished == want.finished
         st = got.stats
-        assert st["verifier_forwards"] == st["drafts"] + 1 and st["denoising_steps"] >= st["drafts"]
+        assert st.verifier_forwards == st.drafts + 1 and st.denoising_steps >= st.drafts
 
     async def chunks():
         return [c async for c in rounds.speculate_stream(job)]

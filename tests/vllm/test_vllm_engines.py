@@ -129,7 +129,7 @@ def test_engine_ar_service_serves_constrained_and_streamed_jobs(loop, engine, re
     result = loop.run_until_complete(service.generate(job))
     value = json.loads(result.text)
     assert not list(validator_for(SCHEMA)(SCHEMA).iter_errors(value))
-    assert result.stats["constrained"] is True
+    assert result.stats.constrained is True
 
     plain = Job(messages=(("user", QUESTIONS[0]),), prompt=None, max_tokens=32, temperature=0.0)
     whole = loop.run_until_complete(service.generate(plain))
