@@ -114,6 +114,9 @@ class CaseResult:
 @dataclass
 class Campaign:
     cases: int = 0
+    ar_budget_s: float = 0.0  # this machine's time for AR to decode one answer's token budget
+    timeout_s: float = 0.0  # the per-request deadline the cases ran under
+    case_limit_s: float = 0.0
     by_status: dict[str, int] = field(default_factory=dict)
     invalid_success: int = 0
     over_limit: int = 0  # cases that took longer than the per-case limit
@@ -162,15 +165,42 @@ def run_case(gateway, schema, timeout_s: float) -> CaseResult:
     return CaseResult(reply.status, seconds, valid, len(raw), message[:160])
 
 
+# The worst legitimate structured case is a draft, a repair and a fallback: about three AR runs of
+# the whole budget. The deadline allows twice that, in this machine's own time, and never less than
+# the given seconds (a machine where that budget decodes in 0.13 s keeps 1.5 s / 2.0 s).
+BUDGET_RUNS_PER_DEADLINE = 6
+
+
+def ar_budget_seconds(gateway, max_tokens: int = 64, runs: int = 3) -> float:
+    """Median time for the gateway's AR to decode ``max_tokens`` tokens on this machine (measured
+    per token over a few greedy runs, so an early ``<eos>`` does not shorten it)."""
+    import statistics
+
+    verifier = gateway.pipeline.ar.verifier
+    prompt = verifier.tokenizer("Answer with JSON matching the schema.")["input_ids"]
+    verifier.generate([prompt], max_new_tokens=4)  # warm-up
+    per_token = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        g = verifier.generate([prompt], max_new_tokens=max_tokens)[0]
+        per_token.append((time.perf_counter() - start) / max(1, len(g.token_ids)))
+    return statistics.median(per_token) * max_tokens
+
+
 def campaign(gateway, cases: int, seed: int, case_limit_s: float = 2.0, timeout_s: float = 1.5) -> Campaign:
-    """Run ``cases`` schemas drawn by hypothesis (seeded; generation only, no shrinking); the
-    per-request deadline is ``timeout_s``."""
+    """Run ``cases`` schemas drawn by hypothesis (seeded; generation only, no shrinking). The
+    per-request deadline is ``timeout_s`` and the per-case limit ``case_limit_s``, each raised to
+    this machine's pace (:data:`BUDGET_RUNS_PER_DEADLINE` AR budgets) where that is slower."""
     import psutil
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
     proc = psutil.Process()
-    out = Campaign(rss_start_mb=round(proc.memory_info().rss / 2**20, 1))
+    unit = ar_budget_seconds(gateway)
+    scale = max(1.0, BUDGET_RUNS_PER_DEADLINE * unit / timeout_s)
+    timeout_s, case_limit_s = round(timeout_s * scale, 2), round(case_limit_s * scale, 2)
+    out = Campaign(ar_budget_s=round(unit, 3), timeout_s=timeout_s, case_limit_s=case_limit_s,
+                   rss_start_mb=round(proc.memory_info().rss / 2**20, 1))
     statuses: Counter = Counter()
     peak = [out.rss_start_mb]
 

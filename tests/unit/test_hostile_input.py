@@ -172,8 +172,10 @@ def test_the_breaker_takes_a_stuck_drafter_out_of_rotation(drafter, verifier):
     assert body["drafter_in_rotation"] is False and body["drafter_stuck_jobs"] == 1
 
 
-def test_fuzz_campaign_every_case_is_a_valid_200_or_a_clear_4xx_within_two_seconds():
-    """A bounded slice of ``python -m bench.schema_fuzz`` (docs/reliability.md has a longer run)."""
+def test_fuzz_campaign_every_case_is_a_valid_200_or_a_clear_4xx_within_its_limit():
+    """A bounded slice of ``python -m bench.schema_fuzz`` (docs/reliability.md has a longer run).
+    The deadline and the per-case limit (1.5 s / 2.0 s) are in this machine's time: on a machine
+    slower than the one they were set on they scale with its measured AR pace."""
     from bench.schema_fuzz import campaign, in_process_gateway
 
     result = campaign(in_process_gateway(), cases=60, seed=0)
