@@ -13,8 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.api import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
+    CompletionChunk,
     CompletionRequest,
     ErrorResponse,
     ModelList,
@@ -48,19 +50,31 @@ async def _unexpected(request: Request, exc: Exception):
 
 
 # The endpoints read the raw body (the Gateway parses it, so every rule lives in one place); the
-# OpenAPI document still describes the bodies and every answer, for clients and for schemathesis.
-_REQUEST_SCHEMAS: dict = {}
+# OpenAPI document still describes the bodies, the stream's events and every answer, for clients
+# and for schemathesis.
+_BODIES = (ChatCompletionRequest, CompletionRequest)
+_EVENTS = (ChatCompletionChunk, CompletionChunk)
 
 
 def _body(model) -> dict:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    _REQUEST_SCHEMAS.update(schema.pop("$defs", {}))
-    _REQUEST_SCHEMAS[model.__name__] = schema
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-# one schema per server-sent event: ``data`` is a JSON chunk (chat.completion.chunk / text_completion,
+def component_schemas(model_name: str | None) -> dict:
+    """The request bodies and stream events as OpenAPI components; ``model_name``, the one model id
+    this deployment serves, becomes an enum in the request bodies."""
+    out: dict = {}
+    for model in _BODIES + _EVENTS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        if model in _BODIES and model_name is not None:
+            schema["properties"]["model"]["enum"] = [model_name]
+        out[model.__name__] = schema
+    return out
+
+
+# one schema per server-sent event: ``data`` is a JSON chunk (ChatCompletionChunk / CompletionChunk,
 # or an error object), or ``[DONE]`` at the end
 _SSE = {"text/event-stream": {"schema": {
     "type": "object", "required": ["data"],
@@ -79,19 +93,16 @@ def _responses(ok_model) -> dict:
     return out
 
 
-def _document_model(name: str) -> None:
-    """The one model id this deployment serves, as an enum in the documented request bodies."""
-    for model in (ChatCompletionRequest, CompletionRequest):
-        _REQUEST_SCHEMAS[model.__name__]["properties"]["model"]["enum"] = [name]
-    http.openapi_schema = None
-
-
 def _openapi() -> dict:
+    """FastAPI's document plus :func:`component_schemas` for the model this replica serves (FastAPI's
+    documented hook for extending the document: ``app.openapi``); built once per replica."""
     if http.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
+        gateway = getattr(http.state, "gateway", None)
         doc = get_openapi(title=http.title, version="0.1.0", description=http.description, routes=http.routes)
-        doc.setdefault("components", {}).setdefault("schemas", {}).update(_REQUEST_SCHEMAS)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(
+            component_schemas(gateway.model_name if gateway is not None else None))
         http.openapi_schema = doc
     return http.openapi_schema
 
@@ -125,7 +136,6 @@ def _respond(reply: Reply) -> Response:
 class Ingress:
     def __init__(self, args: AppArgs, drafter, ar, validator):
         configure_tracing("ingress")
-        _document_model(args.model_name)
         self.drafter = DraftHandle(drafter)
         self.health_state = args.router.health()
         self.watcher = None  # started on the first call (it needs the replica's running event loop)
@@ -139,6 +149,7 @@ class Ingress:
         self.gateway = Gateway(pipeline, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
                                ServeMetrics())
         http.state.gateway = self.gateway
+        http.openapi_schema = None  # the document names this replica's model
 
     def _watch(self) -> None:
         """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""

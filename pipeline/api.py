@@ -15,7 +15,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from models.constraints import ConstraintKind
 
@@ -180,6 +187,55 @@ class Completion(BaseModel):
     usage: Usage
     route: RouteInfo
     stats: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+
+class _Sparse(BaseModel):
+    """Serialises without its unset optional parts (``None``), as OpenAI's stream chunks do."""
+
+    @model_serializer(mode="wrap")
+    def _present(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k == "finish_reason"}
+
+
+class ChatDelta(_Sparse):
+    role: Literal["assistant"] | None = None  # the first chunk
+    content: str | None = None  # absent in the closing chunk
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Sparse):
+    """One server-sent event of a streamed chat answer (``data: <this as JSON>``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]  # empty in the usage chunk
+    route: RouteInfo
+    usage: Usage | None = None  # the last chunk, with stream_options.include_usage
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionChunk(_Sparse):
+    """One server-sent event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    route: RouteInfo
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

@@ -22,10 +22,15 @@ from . import telemetry
 from .api import (
     AssistantMessage,
     ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
     Completion,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
     ErrorBody,
     ErrorResponse,
@@ -43,7 +48,7 @@ from .errors import (
     PipelineError,
     Unauthorized,
 )
-from .interfaces import Constraint, ConstraintKind, Job, Stats
+from .interfaces import Constraint, ConstraintKind, Job, Stats, TextResult
 from .orchestrator import Pipeline
 from .router import RequestShape, RouteDecision
 from .telemetry import Metrics, NoMetrics, RequestObservation
@@ -75,6 +80,16 @@ def error_reply(err: PipelineError) -> Reply:
     if err.retry_after is not None:
         headers["retry-after"] = str(max(1, round(err.retry_after)))
     return Reply(err.status, body.model_dump(), headers=headers)
+
+
+def _event(body: dict) -> bytes:
+    """One server-sent event carrying ``body`` as JSON."""
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _usage(r: TextResult) -> Usage:
+    return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                 total_tokens=r.prompt_tokens + r.completion_tokens)
 
 
 def _pydantic_message(e: ValidationError) -> tuple[str, str | None]:
@@ -341,8 +356,7 @@ class Gateway:
             if admitted:
                 self.in_flight -= 1
         r = outcome.result
-        usage = Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-                      total_tokens=r.prompt_tokens + r.completion_tokens)
+        usage = _usage(r)
         finish = "stop" if r.finished else "length"
         route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
         stats = {k: v for k, v in outcome.stats.as_dict().items() if isinstance(v, (int, float, bool, str))}
@@ -359,25 +373,21 @@ class Gateway:
                    include_usage: bool, timeout: float, record: RequestRecord, slot: "_Slot"
                    ) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        route = {"path": decision.path, "reason": decision.reason}
+        head = {"id": cid, "created": int(time.time()), "model": self.model_name,
+                "route": RouteInfo(path=decision.path, reason=decision.reason)}
 
-        def frame(delta: dict | None, text: str | None, finish: str | None, usage: dict | None = None) -> bytes:
+        def frame(delta: ChatDelta | None, text: str | None, finish: str | None, usage: Usage | None = None) -> bytes:
             if chat:
-                choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-                obj = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                       "model": self.model_name, "choices": choices, "route": route}
+                choices = [] if delta is None else [ChatChunkChoice(delta=delta, finish_reason=finish)]
+                chunk = ChatCompletionChunk(**head, choices=choices, usage=usage)
             else:
-                choices = [] if text is None else [{"index": 0, "text": text, "finish_reason": finish}]
-                obj = {"id": cid, "object": "text_completion", "created": created,
-                       "model": self.model_name, "choices": choices, "route": route}
-            if usage is not None:
-                obj["usage"] = usage
-            return f"data: {json.dumps(obj)}\n\n".encode()
+                choices = [] if text is None else [CompletionChunkChoice(text=text, finish_reason=finish)]
+                chunk = CompletionChunk(**head, choices=choices, usage=usage)
+            return _event(chunk.model_dump())
 
         try:
             if chat:
-                yield frame({"role": "assistant", "content": ""}, None, None)
+                yield frame(ChatDelta(role="assistant", content=""), None, None)
             final = None
             end = asyncio.get_running_loop().time() + timeout
             source = self.pipeline.stream(job, decision, stops, record.stats).__aiter__()
@@ -393,22 +403,20 @@ class Gateway:
                                            code="deadline_exceeded") from None
                 if chunk.text:
                     record.first_chunk()
-                    yield frame({"content": chunk.text}, chunk.text, None)
+                    yield frame(ChatDelta(content=chunk.text), chunk.text, None)
                 if chunk.result is not None:
                     final = chunk.result
             finish = "stop" if final is None or final.finished else "length"
-            yield frame({}, "", finish)
+            yield frame(ChatDelta(), "", finish)
             if include_usage and final is not None:
-                usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-                         "total_tokens": final.prompt_tokens + final.completion_tokens}
-                yield frame(None, None, None, usage)
+                yield frame(None, None, None, _usage(final))
             record.close(200, final, response_id=cid)
         except PipelineError as e:
             record.close(e.status, error=e)
-            yield f"data: {json.dumps(error_reply(e).body)}\n\n".encode()
+            yield _event(error_reply(e).body)
         except Exception as e:
             record.close(500, error=PipelineError(f"internal error while streaming ({type(e).__name__})"))
-            yield f"data: {json.dumps(error_reply(PipelineError('internal error while streaming')).body)}\n\n".encode()
+            yield _event(error_reply(PipelineError("internal error while streaming")).body)
         finally:  # (a close here: the client went away mid-stream)
             record.close(499)
             slot.release()
