@@ -7,11 +7,13 @@ takes its defaults from that dataclass, so every default is written once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.vllm_settings import VLLMSettings
+from pipeline.assemble import Wiring
 from pipeline.gateway import Limits
 from pipeline.health import DrafterHealth
 from pipeline.orchestrator import StructuredPolicy
@@ -19,6 +21,7 @@ from pipeline.router import RouterPolicy
 
 _LIMITS, _POLICY, _HEALTH, _STRUCTURED = Limits(), RouterPolicy(), DrafterHealth(), StructuredPolicy()
 _VLLM = VLLMSettings(model="")  # the engine defaults (the checkpoint is filled in per deployment)
+_WIRING = Wiring()
 
 
 class _Strict(BaseModel):
@@ -72,9 +75,7 @@ class ModelArgs(_Strict):
     vllm: VLLMArgs = VLLMArgs()
 
     def wiring(self, structured: "StructuredArgs"):
-        """The role choices for ``pipeline.assemble`` (imported here only when asked for)."""
-        from pipeline.assemble import Wiring
-
+        """The role choices for ``pipeline.assemble``."""
         return Wiring(canvas_guidance=structured.canvas_guidance,
                       grammar_compile_timeout_s=structured.grammar_compile_timeout_s)
 
@@ -121,8 +122,6 @@ class DrafterArgs(ModelArgs):
 
     def wiring(self, structured: "StructuredArgs"):
         """The role choices, with this drafter's verify-round settings."""
-        from dataclasses import replace
-
         return replace(super().wiring(structured), verify_draft_steps=self.verify_draft_steps,
                        verify_draft_width=self.verify_draft_width)
 
@@ -135,8 +134,6 @@ class DrafterArgs(ModelArgs):
 
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle; ``max_denoising_steps`` is the engine-wide step cap on vLLM."""
-        from dataclasses import replace
-
         settings = super().vllm_settings(default_checkpoint)
         steps = self.vllm.max_denoising_steps or self.max_denoising_steps
         return replace(settings, max_denoising_steps=steps, language_model_only=True)
@@ -147,6 +144,11 @@ class VerifierArgs(ModelArgs):
     # "causal": a separate causal LM checkpoint in its own Verifier deployment.
     source: Literal["same", "causal"] = "same"
     replica: ReplicaArgs = ReplicaArgs(num_cpus=0.5, max_ongoing_requests=32)
+    # transformers backend: AR requests decoded in one running batch (vLLM: vllm.max_num_seqs)
+    max_num_seqs: int = Field(default=_WIRING.ar_max_num_seqs, ge=1)
+
+    def wiring(self, structured: "StructuredArgs"):
+        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs)
 
 
 class ValidatorArgs(_Strict):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
@@ -79,8 +80,9 @@ class DrafterDeployment:
         if handle is not None:
             self.roles = transformers_roles(drafter, None, wiring, VerifierHandle(handle, drafter.eos_ids))
             return
-        if verifier.source == "same":
+        if verifier.source == "same":  # this replica serves AR: at the verifier's batch size
             ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+            wiring = replace(wiring, ar_max_num_seqs=verifier.max_num_seqs)
         else:
             ar = ARVerifier.from_pretrained(verifier.checkpoint, "causal", verifier.device, verifier.dtype)
         self.roles = transformers_roles(drafter, ar, wiring)

@@ -33,6 +33,7 @@ class Wiring:
     grammar_compile_timeout_s: float = 2.0
     verify_draft_steps: int | None = None  # denoising steps per verify-round draft (None: the drafter's)
     verify_draft_width: int | None = None  # canvas tokens sent per round to a verifier elsewhere
+    ar_max_num_seqs: int = 8  # AR rows in one running decode batch (models/ar_batch.py)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_veri
     grammar = grammar_engine(source.tokenizer, source.lm.model if verifier is not None else drafter.model,
                              source.eos_ids, wiring.grammar_compile_timeout_s)
     guidance = grammar if wiring.canvas_guidance else None
-    ar = TransformersAR(verifier, grammar, work=work) if verifier is not None else None
+    ar = TransformersAR(verifier, grammar, work=work, max_num_seqs=wiring.ar_max_num_seqs) if verifier is not None else None
     if drafter is None:
         return Roles(None, ar, work)
     if remote_verifier is not None:

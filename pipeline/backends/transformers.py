@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Sequence
 
 from .. import telemetry
 from ..errors import BadRequest
@@ -133,61 +133,66 @@ class TransformersDrafter:
 
 
 class TransformersAR:
-    """``ARService`` over a :class:`models.verifier.ARVerifier`.
+    """``ARService`` over a :class:`models.verifier.ARVerifier`, its decoding continuously batched
+    (:class:`models.ar_batch.ARBatcher`): generate, stream, repair and fallback requests join and
+    leave one running batch per decode step, each with its own grammar matcher, budget and seed.
 
     With a ``grammar`` (:class:`models.grammar.GrammarEngine`), jobs with a constraint the engine
     supports decode under it, valid by construction; ``repair`` continues a draft under the
     grammar from the longest prefix the grammar accepts.
     """
 
-    def __init__(self, verifier, grammar=None, work: WorkTracker | None = None):
+    def __init__(self, verifier, grammar=None, work: WorkTracker | None = None, batcher=None,
+                 max_num_seqs: int = 8):
+        from models.ar_batch import ARBatcher
+
         self.verifier = verifier
         self.work = work or WorkTracker()
         self.tokenizer = verifier.tokenizer
         self.grammar = grammar
+        self.batcher = batcher or ARBatcher(verifier, max_num_seqs)
 
     def _processor(self, job: Job, prefix: Sequence[int] = ()):
         c = job.constraint
         return grammar_for(self.grammar, job, lambda: self.grammar.processor(c.kind, c.spec, prefix))
 
-    def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
-        processor = self._processor(job, prefix)
-        g = self.verifier.generate([prompt + prefix], max_new_tokens=budget, temperature=job.temperature,
-                                   logits_processors=[processor], seed=job.seed, deadline=job.deadline)[0]
+    async def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
+        processor = await asyncio.to_thread(self._processor, job, prefix)  # a compile may take a while
+        with self.work.track(job.deadline):
+            g = await asyncio.wrap_future(self.batcher.submit(
+                prompt + prefix, budget, job.temperature, processor, job.seed, job.deadline))
         ids = prefix + list(g.token_ids)
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return TextResult(text, len(prompt), len(ids), g.finished,
                           Stats(first_token_s=round(g.first_token_s, 4), ar_s=round(g.total_s, 4),
                                 constrained=processor is not None, expired=True if g.expired else None), tuple(ids))
 
-    def generate_sync(self, job: Job) -> TextResult:
+    async def generate(self, job: Job) -> TextResult:
         with telemetry.span("ar.generate", job.trace) as sp:
-            result = self._run(job, encode_job(self.tokenizer, job), [], job.max_tokens)
+            result = await self._run(job, encode_job(self.tokenizer, job), [], job.max_tokens)
             _ar_attributes(sp, result)
             return result
 
-    def repair_sync(self, job: Job, draft: TextResult) -> TextResult:
-        """Keep the longest draft prefix the grammar accepts; AR continues under the grammar. The
-        draft's own token ids are used where it carries them (its text is tokenized otherwise)."""
+    def _repair_prefix(self, job: Job, draft: TextResult) -> tuple[list[int], int | None]:
+        """The draft's token ids (its own where it carries them, else its text tokenized) and how
+        many of them the grammar accepts (None: no grammar for this constraint)."""
+        c = job.constraint
+        ids = (list(draft.token_ids) if draft.token_ids is not None
+               else self.tokenizer(draft.text, add_special_tokens=False)["input_ids"])[: job.max_tokens - 1]
+        return ids, grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
+
+    async def repair(self, job: Job, draft: TextResult) -> TextResult:
+        """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""
         with telemetry.span("ar.repair", job.trace) as sp:
             prompt = encode_job(self.tokenizer, job)
-            c = job.constraint
-            ids = (list(draft.token_ids) if draft.token_ids is not None
-                   else self.tokenizer(draft.text, add_special_tokens=False)["input_ids"])[: job.max_tokens - 1]
-            keep = grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
+            ids, keep = await asyncio.to_thread(self._repair_prefix, job, draft)
             if keep is None:  # no grammar for this constraint: answer afresh
-                result = self._run(job, prompt, [], job.max_tokens)
+                result = await self._run(job, prompt, [], job.max_tokens)
             else:
-                result = self._run(job, prompt, ids[:keep], job.max_tokens - keep)
+                result = await self._run(job, prompt, ids[:keep], job.max_tokens - keep)
                 result = replace(result, stats=result.stats.merged(repair_reused_tokens=keep, draft_tokens=len(ids)))
             _ar_attributes(sp, result)
             return result
-
-    async def repair(self, job: Job, draft: TextResult) -> TextResult:
-        return await asyncio.to_thread(tracked(self.work, job.deadline, self.repair_sync), job, draft)
-
-    async def generate(self, job: Job) -> TextResult:
-        return await asyncio.to_thread(tracked(self.work, job.deadline, self.generate_sync), job)
 
     # -- what a drafter elsewhere calls per verify round (models.speculative.RoundVerifier) -------
     @property
@@ -203,24 +208,19 @@ class TransformersAR:
         accepted, nxt = await asyncio.to_thread(self.verifier.verify, list(prompt), list(draft))
         return Verification(accepted, nxt)
 
-    def _token_iter(self, job: Job, prompt: list[int]) -> Iterator[int]:
-        return self.verifier.stream(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                                    logits_processor=self._processor(job), seed=job.seed, deadline=job.deadline)
-
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per token, as the running batch produces it."""
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
 
-        def produce(emit):
-            n = 0
-            for tok in self._token_iter(job, prompt):
-                n += 1
-                emit([tok])
-            return n
+        def produce(emit):  # a consumer that went away makes emit raise: the row leaves the batch
+            processor = self._processor(job)
+            return self.batcher.generate(prompt, job.max_tokens, temperature=job.temperature, processor=processor,
+                                         seed=job.seed, deadline=job.deadline, on_token=lambda tok: emit([tok]))
 
-        def finish(n, ids):  # fewer tokens than the budget means <eos> ended it
-            result = TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), n,
-                                n < job.max_tokens, token_ids=tuple(ids))
+        def finish(g, ids):
+            result = TextResult(self.tokenizer.decode(ids, skip_special_tokens=True), len(prompt), len(ids),
+                                g.finished, token_ids=tuple(ids))
             sp = telemetry.tracer().start_span("ar.stream", context=telemetry.parent(job.trace), start_time=start)
             _ar_attributes(sp, result)
             sp.end()
