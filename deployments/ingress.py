@@ -4,6 +4,7 @@ HTTP rule), the OpenAPI document, and the breaker's watch on the drafter."""
 
 import asyncio
 import os
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -93,21 +94,19 @@ def _responses(ok_model) -> dict:
     return out
 
 
-def _openapi() -> dict:
-    """FastAPI's document plus :func:`component_schemas` for the model this replica serves (FastAPI's
-    documented hook for extending the document: ``app.openapi``); built once per replica."""
-    if http.openapi_schema is None:
+def openapi_document(app: FastAPI, model_name: str | None) -> dict:
+    """FastAPI's document of ``app`` plus :func:`component_schemas` (``app.openapi`` is FastAPI's
+    documented hook for extending it); built once, then cached on the app."""
+    if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        gateway = getattr(http.state, "gateway", None)
-        doc = get_openapi(title=http.title, version="0.1.0", description=http.description, routes=http.routes)
-        doc.setdefault("components", {}).setdefault("schemas", {}).update(
-            component_schemas(gateway.model_name if gateway is not None else None))
-        http.openapi_schema = doc
-    return http.openapi_schema
+        doc = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas(model_name))
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
-http.openapi = _openapi
+http.openapi = partial(openapi_document, http, None)
 
 
 @http.middleware("http")
@@ -148,8 +147,10 @@ class Ingress:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
         self.gateway = Gateway(pipeline, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
                                ServeMetrics())
+        # ``http`` here is the app this replica serves (Ray Serve deploys a copy of the module's)
         http.state.gateway = self.gateway
-        http.openapi_schema = None  # the document names this replica's model
+        http.openapi = partial(openapi_document, http, args.model_name)
+        http.openapi_schema = None
 
     def _watch(self) -> None:
         """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""

