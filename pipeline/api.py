@@ -208,16 +208,19 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class ChatCompletionChunk(_Sparse):
-    """One server-sent event of a streamed chat answer (``data: <this as JSON>``)."""
+class _Chunk(_Sparse):
+    """One server-sent event of a stream (``data: <this as JSON>``)."""
 
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    choices: list[ChatChunkChoice]  # empty in the usage chunk
     route: RouteInfo
     usage: Usage | None = None  # the last chunk, with stream_options.include_usage
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]  # empty in the usage chunk
 
 
 class CompletionChunkChoice(BaseModel):
@@ -226,16 +229,9 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class CompletionChunk(_Sparse):
-    """One server-sent event of a streamed completion."""
-
-    id: str
+class CompletionChunk(_Chunk):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    route: RouteInfo
-    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
