@@ -32,7 +32,14 @@ from .interfaces import (
     TextResult,
     ValidationService,
 )
-from .router import Load, RequestShape, RouteDecision, RouterPolicy, choose_route
+from .router import (
+    Load,
+    RequestShape,
+    RouteDecision,
+    RouterPolicy,
+    choose_route,
+    failover,
+)
 from .streaming import StopScanner, cut_at_stop
 
 
@@ -123,14 +130,14 @@ class Pipeline:
         except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
             stats.drafter_overloaded = True
             result = await self._ar("generate", self.ar.generate, job)
-            return result, RouteDecision("ar", "drafter queue full; served by AR")
+            return result, failover("overloaded")
         except PipelineError:  # the request's own fault (e.g. a constraint too complex): no health hit
             raise
         except Exception as e:  # a failing drafter replica must not fail the request
             self.health.failure()
             stats.drafter_error = type(e).__name__
             result = await self._ar("generate", self.ar.generate, job)
-            return result, RouteDecision("ar", f"drafter failed ({type(e).__name__}); served by AR")
+            return result, failover("failed", type(e).__name__)
         finally:
             self.drafts_in_flight -= 1
         self.health.success()

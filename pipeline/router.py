@@ -12,6 +12,9 @@ Rules, first match wins:
 5. structured output -> ``diffusion`` (draft, validate, then AR repair or fallback);
 6. non-streaming prose -> ``prose_route`` (``diffusion`` by default; ``verify`` gives AR-exact
    greedy output when ``temperature == 0``).
+
+A request routed to the drafter that the drafter cannot take (its queue full, or the replica
+failing) is served by AR: :func:`failover` is that decision, made here too.
 """
 
 from __future__ import annotations
@@ -69,3 +72,10 @@ def choose_route(shape: RequestShape, load: Load, policy: RouterPolicy) -> Route
     if shape.temperature == 0 and policy.greedy_prose_route is not None:
         return RouteDecision(policy.greedy_prose_route, "greedy prose policy")
     return RouteDecision(policy.prose_route, "non-streaming prose: the drafter is fastest per request")
+
+
+def failover(cause: Literal["overloaded", "failed"], error: str = "") -> RouteDecision:
+    """The route of a drafter request the drafter could not take: AR serves it."""
+    if cause == "overloaded":
+        return RouteDecision("ar", "drafter queue full; served by AR")
+    return RouteDecision("ar", f"drafter failed ({error}); served by AR")
