@@ -169,8 +169,11 @@ class RouterArgs(_Strict):
     drafter_failures_before_cooldown: int = Field(default=_HEALTH.max_failures, ge=1)
     drafter_cooldown_s: float = Field(default=_HEALTH.cooldown_s, ge=0)
 
+    drafter_deadline_share: float = Field(default=_POLICY.drafter_deadline_share, gt=0, le=1)
+
     def policy(self) -> RouterPolicy:
-        return RouterPolicy(self.drafter_queue_threshold, self.prose_route, self.greedy_prose_route)
+        return RouterPolicy(self.drafter_queue_threshold, self.prose_route, self.greedy_prose_route,
+                            self.drafter_deadline_share)
 
     def health(self) -> DrafterHealth:
         return DrafterHealth(self.drafter_failures_before_cooldown, self.drafter_cooldown_s)

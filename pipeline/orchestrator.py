@@ -7,6 +7,8 @@ accepted it; otherwise the pipeline repairs or falls back on AR, and answers
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -122,11 +124,17 @@ class Pipeline:
             raise Unavailable("no drafter is configured")
         verify = decision.path == "verify"
         call = self.drafter.speculate if verify else self.drafter.draft
+        wait = None if job.deadline is None else max(0.0, job.deadline - time.time()) * self.policy.drafter_deadline_share
         self.drafts_in_flight += 1
         try:
             with telemetry.span("dgserve.speculate" if verify else "dgserve.draft", job.trace, SpanKind.CLIENT) as sp:
-                result = await call(replace(job, trace=telemetry.carrier_of(sp)))
+                result = await asyncio.wait_for(call(replace(job, trace=telemetry.carrier_of(sp))), wait)
                 telemetry.attributes(sp, result.stats.as_dict(), "dgserve.")
+        except asyncio.TimeoutError:  # the drafter holds the request without answering: AR serves it
+            self.health.failure()
+            stats.drafter_error = "timeout"
+            result = await self._ar("generate", self.ar.generate, job)
+            return result, failover("late", f"{wait:.3g} s")
         except Overloaded:  # drafter queue full: AR serves it; the drafter is busy, not broken
             stats.drafter_overloaded = True
             result = await self._ar("generate", self.ar.generate, job)

@@ -30,6 +30,10 @@ class RouterPolicy:
     drafter_queue_threshold: int = 8
     prose_route: Literal["diffusion", "verify", "ar"] = "diffusion"
     greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = None  # used when temperature == 0
+    # a drafter answer not back within this share of the request's remaining time is given up and
+    # AR serves the request (a replica that died or hangs with the request in it, a handle waiting
+    # for a replica that is still starting): the rest of the time is AR's
+    drafter_deadline_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,10 @@ def choose_route(shape: RequestShape, load: Load, policy: RouterPolicy) -> Route
     return RouteDecision(policy.prose_route, "non-streaming prose: the drafter is fastest per request")
 
 
-def failover(cause: Literal["overloaded", "failed"], error: str = "") -> RouteDecision:
+def failover(cause: Literal["overloaded", "failed", "late"], detail: str = "") -> RouteDecision:
     """The route of a drafter request the drafter could not take: AR serves it."""
     if cause == "overloaded":
         return RouteDecision("ar", "drafter queue full; served by AR")
-    return RouteDecision("ar", f"drafter failed ({error}); served by AR")
+    if cause == "late":
+        return RouteDecision("ar", f"drafter gave no answer within {detail}; served by AR")
+    return RouteDecision("ar", f"drafter failed ({detail}); served by AR")

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import time
+from dataclasses import replace
 
 import pytest
 from jsonschema.validators import validator_for
@@ -12,7 +14,7 @@ from pipeline.errors import OutputInvalid
 from pipeline.health import DrafterHealth
 from pipeline.interfaces import Constraint, Job, TextResult
 from pipeline.orchestrator import Pipeline, StructuredPolicy
-from pipeline.router import RequestShape, RouteDecision
+from pipeline.router import RequestShape, RouteDecision, RouterPolicy
 from pipeline.streaming import StopScanner, cut_at_stop
 from pipeline.validation import RegistryValidator
 
@@ -94,6 +96,30 @@ def test_failing_drafter_is_served_by_ar_and_leaves_rotation(backends):
     assert pipe.route(RequestShape(False, False, 1.0)).path == "ar"
     clock.now = 6.0  # cool-down over: the next request probes the drafter again
     assert pipe.route(RequestShape(False, False, 1.0)).path == "diffusion"
+
+
+class SilentDrafter:
+    """A drafter replica that takes the request and never answers (a hung or vanished replica the
+    handle keeps waiting on)."""
+
+    async def draft(self, job):
+        await asyncio.sleep(3600)
+
+    speculate = draft
+
+
+def test_a_drafter_that_never_answers_is_given_up_in_time_for_ar(backends):
+    _, ar, validator = backends
+    health = DrafterHealth(max_failures=1, cooldown_s=5)
+    pipe = Pipeline(SilentDrafter(), ar, validator, RouterPolicy(drafter_deadline_share=0.5), health)
+    ex = tasks.example("eval", 53, 1, kind="json")
+    job = replace(job_for(ex), deadline=time.time() + 20)
+    start = time.monotonic()
+    out = run(pipe.run(job, RouteDecision("diffusion", "test")))
+    assert 10 <= time.monotonic() - start < 20  # half the deadline went to the drafter, the rest to AR
+    assert out.decision.path == "ar" and "no answer within" in out.decision.reason
+    assert out.stats.drafter_error == "timeout" and out.stats.validated is True
+    assert not health.healthy()  # counted against the drafter: the next requests go to AR
 
 
 def test_verify_route_equals_ar_greedy(backends):
