@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `make` sets it; read when Ray is imported
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
@@ -98,13 +99,13 @@ def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
 
     from deployments.app import build_app
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8767})
         top = max(levels)
         args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": {"max_ongoing_requests": 4 * top}},
-                "verifier": {"max_num_seqs": top}, "limits": {"max_in_flight": 4 * top}}
+                "verifier": {"max_num_seqs": top}, "limits": {"max_in_flight": 4 * top},
+                "ingress": {"max_ongoing_requests": 4 * top + 8}}
         serve.run(build_app(args), name="dgserve", route_prefix="/")
         url = "http://127.0.0.1:8767/v1/chat/completions"
         out = []

@@ -6,20 +6,21 @@ deadline and token callback (streaming). One loop thread owns the model:
 
 1. admit waiting rows, at most ``max_num_seqs`` running and ``max_batch_tokens`` tokens of
    context in the batch (prompt + budget of every row);
-2. if rows joined, rebuild the batch: ONE left-padded prefill over every running row's prompt and
-   the tokens it has so far (rows at different lengths line up by padding, as in
-   :meth:`models.verifier.ARVerifier.generate`); else feed each row's last token (one forward);
+2. feed the running rows their last token (one forward); rows that joined are prefilled on their
+   own, left-padded to the batch's width so their positions line up with the running rows (as in
+   one padded batch, :meth:`models.verifier.ARVerifier.generate`), and their KV is appended to the
+   running cache. A joining row longer than the batch, a batch with no rows yet, or a batch whose
+   width has run ``max_padding`` positions past its longest row makes one padded prefill of every
+   row instead (so the width, and the positions, stay bounded under constant load);
 3. each row picks its next token from its own logits; a row leaves at ``<eos>``, its budget, its
    deadline, or when its caller went away (a cancelled future, or a callback that raises).
 
-Why a rebuild instead of splicing a new row's KV into the running cache: the running cache mixes
-full and sliding-window layers whose lengths differ, and on the CPU a prefill of the small batch
-costs about one decode step (the forward is overhead-bound, not FLOP-bound), so joining costs one
-step and stays exact. On GPUs vLLM's scheduler does this job (``backend: vllm``).
+On GPUs vLLM's scheduler does this job (``backend: vllm``).
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections import deque
@@ -32,6 +33,10 @@ import torch
 from .deadline import past
 from .loading import left_padded
 from .verifier import MIN_TEMPERATURE, ARVerifier, Generation, LogitsProcessor
+
+
+class _Closed(Exception):
+    pass
 
 
 @dataclass
@@ -52,7 +57,8 @@ class _Row:
 @dataclass(frozen=True)
 class BatchStats:
     steps: int  # decode forwards
-    rebuilds: int  # of those, prefills of the whole batch because rows joined
+    rebuilds: int  # of those, prefills of the whole batch (the first rows, or a row longer than the batch)
+    splices: int  # rows joined by a prefill of their own, appended to the running cache
     tokens: int  # tokens produced
     peak_rows: int  # most rows in one step
 
@@ -60,17 +66,21 @@ class BatchStats:
 class ARBatcher:
     """One running decode batch over an :class:`ARVerifier`'s model, fed from any thread."""
 
-    def __init__(self, verifier: ARVerifier, max_num_seqs: int = 8, max_batch_tokens: int = 16384):
+    def __init__(self, verifier: ARVerifier, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
+                 max_padding: int = 64):
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         self.verifier = verifier
         self.lm = verifier.lm
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.max_padding = max_padding  # positions of padding before the batch is compacted
         self._waiting: deque[_Row] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._steps = self._rebuilds = self._tokens = self._peak = 0
+        self._steps = self._rebuilds = self._splices = self._tokens = self._peak = 0
+        self._closed = False
+        atexit.register(self.close)  # stop the loop between steps, not inside one, at exit
 
     # -- the callers' side ------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -91,6 +101,8 @@ class ARBatcher:
             gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         row = _Row(list(prompt), max_new_tokens, temperature, processor, gen, deadline, on_token, Future())
         with self._wake:
+            if self._closed:
+                raise RuntimeError("the AR batcher is closed")
             self._waiting.append(row)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="ar-batcher", daemon=True)
@@ -102,51 +114,85 @@ class ARBatcher:
         """Blocking form of :meth:`submit`."""
         return self.submit(prompt, max_new_tokens, **kw).result()
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop after its current step; rows still waiting or running fail."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+
     def stats(self) -> BatchStats:
-        return BatchStats(self._steps, self._rebuilds, self._tokens, self._peak)
+        return BatchStats(self._steps, self._rebuilds, self._splices, self._tokens, self._peak)
 
     # -- the loop thread --------------------------------------------------------------------
-    def _admit(self, active: list[_Row]) -> bool:
-        """Move waiting rows into ``active`` within the limits; True when any joined."""
-        joined = False
+    def _admit(self, active: list[_Row]) -> list[_Row]:
+        """Waiting rows that join ``active`` within the limits (blocks while there is no work)."""
+        joined: list[_Row] = []
         with self._wake:
-            while not active and not self._waiting:
+            while not active and not self._waiting and not self._closed:
                 self._wake.wait()
+            if self._closed:
+                raise _Closed()
             used = sum(len(r.prompt) + r.budget for r in active)
-            while self._waiting and len(active) < self.max_num_seqs:
+            while self._waiting and len(active) + len(joined) < self.max_num_seqs:
                 row = self._waiting[0]
                 cost = len(row.prompt) + row.budget
-                if active and used + cost > self.max_batch_tokens:
+                if (active or joined) and used + cost > self.max_batch_tokens:
                     break
                 self._waiting.popleft()
                 if not row.future.cancelled():  # left pending, so a caller can still cancel it
-                    active.append(row)
+                    joined.append(row)
                     used += cost
-                    joined = True
         return joined
 
     @torch.inference_mode()
     def _loop(self) -> None:
         active: list[_Row] = []
         cache = mask = logits = None
-        cur = 0
+        cur = 0  # positions in the batch (padding included)
         while True:
-            joined = self._admit(active)
+            try:
+                joined = self._admit(active)
+            except _Closed:
+                for r in active + list(self._waiting):
+                    try:
+                        r.future.set_exception(RuntimeError("the AR batcher was closed"))
+                    except InvalidStateError:
+                        pass
+                return
             dev = self.lm.device
             try:
-                if joined or cache is None:
+                # a joining row fits when its tokens fit in the batch's width after this step; the
+                # width only grows while the batch runs, so padding past max_padding compacts it
+                lengths = [len(r.prompt) + len(r.out) for r in active + joined]
+                fits = all(len(r.prompt) + len(r.out) <= cur + 1 for r in joined)
+                compact = bool(lengths) and cur + 1 - max(lengths) > self.max_padding
+                if cache is None or not active or not fits or compact:  # one padded prefill of every row
+                    active = active + joined
                     ids, mask = left_padded([r.prompt + r.out for r in active], self.verifier.pad_id, dev)
                     cache = self.lm.new_cache()
                     logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
                     cur = ids.shape[1]
                     self._rebuilds += 1
-                else:
+                else:  # feed the running rows their last token, then splice the joining rows in
                     step_ids = torch.tensor([[r.out[-1]] for r in active], device=dev)
                     mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
                     logits = self.lm.logits(step_ids, mask, cur, cache)[:, -1]
                     cur += 1
+                    spliced = self._splice(cache, logits, mask, joined, cur) if joined else (logits, mask)
+                    if spliced is None:  # the layers cannot be joined: one prefill of every row
+                        active = active + joined
+                        ids, mask = left_padded([r.prompt + r.out for r in active], self.verifier.pad_id, dev)
+                        cache = self.lm.new_cache()
+                        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
+                        cur = ids.shape[1]
+                        self._rebuilds += 1
+                    else:
+                        (logits, mask), active = spliced, active + joined
             except BaseException as e:  # a failing forward fails the rows in it, not the loop
-                for r in active:
+                for r in active + [r for r in joined if r not in active]:
                     try:
                         r.future.set_exception(e)
                     except InvalidStateError:
@@ -167,6 +213,20 @@ class ARBatcher:
                     mask = mask[idx]
                 else:
                     cache = None
+
+    def _splice(self, cache, logits, mask, joined: list[_Row], width: int):
+        """Prefill the joining rows alone, left-padded to the running batch's ``width`` (so their
+        positions line up with its rows, as in one padded batch), and append them to ``cache``:
+        the batch's (logits, mask), or None when the layers cannot be joined (a cache layer other
+        than the dynamic full and sliding-window ones)."""
+        dev = self.lm.device
+        ids, new_mask = left_padded([r.prompt + r.out for r in joined], self.verifier.pad_id, dev, width)
+        new = self.lm.new_cache()
+        new_logits = self.lm.logits(ids, new_mask, 0, new)[:, -1]
+        if not _concat_caches(cache, new):
+            return None
+        self._splices += 1
+        return torch.cat([logits, new_logits]), torch.cat([mask, new_mask])
 
     def _advance(self, row: _Row, row_logits: torch.Tensor) -> bool:
         """Pick ``row``'s next token; False when the row left (its future then holds the outcome)."""
@@ -209,3 +269,23 @@ class ARBatcher:
         except InvalidStateError:  # cancelled meanwhile
             pass
         return False
+
+
+def _concat_caches(cache, new) -> bool:
+    """Append ``new``'s rows to ``cache`` (the same width) in place; False, leaving ``cache`` as it
+    was, when a layer is of another kind or the two differ in length."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    pairs = list(zip(cache.layers, new.layers))
+    if len(cache.layers) != len(new.layers):
+        return False
+    for a, b in pairs:
+        if type(a) is not type(b) or type(a) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return False
+        if not (a.is_initialized and b.is_initialized) or a.keys.shape[-2] != b.keys.shape[-2]:
+            return False
+        if getattr(a, "cumulative_length", None) != getattr(b, "cumulative_length", None):
+            return False
+    for a, b in pairs:
+        a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+    return True

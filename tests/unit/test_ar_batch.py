@@ -106,3 +106,15 @@ def test_limits_are_checked_when_a_row_is_submitted(verifier):
         batcher.submit([1] * 40, 30)
     with pytest.raises(ValueError, match="positive"):
         batcher.submit([1], 0)
+
+
+def test_a_closed_batcher_fails_its_rows_and_takes_no_more(verifier):
+    batcher = ARBatcher(verifier, max_num_seqs=2)
+    prompt = encode_job(verifier.tokenizer, _jobs(False)[0])
+    assert len(batcher.generate(prompt, 3).token_ids) <= 3
+    running = batcher.submit(prompt, 400)
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        running.result(timeout=60)
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(prompt, 3)
