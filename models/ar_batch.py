@@ -169,26 +169,18 @@ class ARBatcher:
                 lengths = [len(r.prompt) + len(r.out) for r in active + joined]
                 fits = all(len(r.prompt) + len(r.out) <= cur + 1 for r in joined)
                 compact = bool(lengths) and cur + 1 - max(lengths) > self.max_padding
-                if cache is None or not active or not fits or compact:  # one padded prefill of every row
+                if cache is None or not active or not fits or compact:
                     active = active + joined
-                    ids, mask = left_padded([r.prompt + r.out for r in active], self.verifier.pad_id, dev)
-                    cache = self.lm.new_cache()
-                    logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
-                    cur = ids.shape[1]
-                    self._rebuilds += 1
+                    cache, mask, logits, cur = self._rebuild(active)
                 else:  # feed the running rows their last token, then splice the joining rows in
                     step_ids = torch.tensor([[r.out[-1]] for r in active], device=dev)
                     mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
                     logits = self.lm.logits(step_ids, mask, cur, cache)[:, -1]
                     cur += 1
                     spliced = self._splice(cache, logits, mask, joined, cur) if joined else (logits, mask)
-                    if spliced is None:  # the layers cannot be joined: one prefill of every row
+                    if spliced is None:  # the layers cannot be joined
                         active = active + joined
-                        ids, mask = left_padded([r.prompt + r.out for r in active], self.verifier.pad_id, dev)
-                        cache = self.lm.new_cache()
-                        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
-                        cur = ids.shape[1]
-                        self._rebuilds += 1
+                        cache, mask, logits, cur = self._rebuild(active)
                     else:
                         (logits, mask), active = spliced, active + joined
             except BaseException as e:  # a failing forward fails the rows in it, not the loop
@@ -213,6 +205,14 @@ class ARBatcher:
                     mask = mask[idx]
                 else:
                     cache = None
+
+    def _rebuild(self, rows: list[_Row]):
+        """One left-padded prefill of every row: (cache, mask, next-token logits, width)."""
+        ids, mask = left_padded([r.prompt + r.out for r in rows], self.verifier.pad_id, self.lm.device)
+        cache = self.lm.new_cache()
+        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
+        self._rebuilds += 1
+        return cache, mask, logits, ids.shape[1]
 
     def _splice(self, cache, logits, mask, joined: list[_Row], width: int):
         """Prefill the joining rows alone, left-padded to the running batch's ``width`` (so their
