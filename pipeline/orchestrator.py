@@ -124,7 +124,8 @@ class Pipeline:
             raise Unavailable("no drafter is configured")
         verify = decision.path == "verify"
         call = self.drafter.speculate if verify else self.drafter.draft
-        wait = None if job.deadline is None else max(0.0, job.deadline - time.time()) * self.policy.drafter_deadline_share
+        wait = (None if job.deadline is None or decision.requested
+                else max(0.0, job.deadline - time.time()) * self.policy.drafter_deadline_share)
         self.drafts_in_flight += 1
         try:
             with telemetry.span("dgserve.speculate" if verify else "dgserve.draft", job.trace, SpanKind.CLIENT) as sp:

@@ -32,7 +32,8 @@ class RouterPolicy:
     greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = None  # used when temperature == 0
     # a drafter answer not back within this share of the request's remaining time is given up and
     # AR serves the request (a replica that died or hangs with the request in it, a handle waiting
-    # for a replica that is still starting): the rest of the time is AR's
+    # for a replica that is still starting): the rest of the time is AR's. Routes the router chose
+    # only: a route the client named keeps the whole deadline.
     drafter_deadline_share: float = 0.5
 
 
@@ -54,6 +55,7 @@ class Load:
 class RouteDecision:
     path: Path
     reason: str
+    requested: bool = False  # the client named this route (it is not hedged by the deadline share)
 
     def header(self) -> str:
         return f"{self.path}; reason={self.reason}"
@@ -63,7 +65,7 @@ def choose_route(shape: RequestShape, load: Load, policy: RouterPolicy) -> Route
     if shape.requested != "auto":
         if shape.requested in ("diffusion", "verify") and not load.drafter_healthy:
             return RouteDecision("ar", f"requested {shape.requested}, but the drafter is out of rotation")
-        return RouteDecision(shape.requested, "requested by the client")  # type: ignore[arg-type]
+        return RouteDecision(shape.requested, "requested by the client", requested=True)  # type: ignore[arg-type]
     if not load.drafter_healthy:
         return RouteDecision("ar", "drafter out of rotation after failures")
     if shape.stream and not shape.structured:

@@ -122,6 +122,22 @@ def test_a_drafter_that_never_answers_is_given_up_in_time_for_ar(backends):
     assert not health.healthy()  # counted against the drafter: the next requests go to AR
 
 
+def test_a_route_the_client_named_keeps_the_whole_deadline(backends):
+    drafter, ar, validator = backends
+
+    class SlowDrafter:  # answers, after more than half the deadline
+        async def draft(self, job):
+            await asyncio.sleep(4.0)
+            return await drafter.draft(job)
+
+    pipe = Pipeline(SlowDrafter(), ar, validator, RouterPolicy(drafter_deadline_share=0.5))
+    decision = pipe.route(RequestShape(structured=True, stream=False, temperature=0.0, requested="diffusion"))
+    assert decision.requested
+    ex = tasks.example("eval", 53, 2, kind="json")
+    out = run(pipe.run(replace(job_for(ex), deadline=time.time() + 7.0), decision))
+    assert out.decision.path == "diffusion" and out.stats.drafter_error is None
+
+
 def test_verify_route_equals_ar_greedy(backends):
     pipe = Pipeline(*backends)
     for ex in tasks.examples("eval", 54, 4):
