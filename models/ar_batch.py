@@ -32,7 +32,13 @@ import torch
 
 from .deadline import past
 from .loading import left_padded
-from .verifier import MIN_TEMPERATURE, ARVerifier, Generation, LogitsProcessor
+from .verifier import (
+    MIN_TEMPERATURE,
+    ARVerifier,
+    Generation,
+    LogitsProcessor,
+    pick_token,
+)
 
 
 class _Closed(Exception):
@@ -235,13 +241,7 @@ class ARBatcher:
         try:
             if past(row.deadline):
                 return self._finish(row, finished=False, expired=True)
-            if row.processor is not None:
-                row_logits = row.processor(row.out, row_logits)
-            if row.generator is not None:
-                probs = torch.softmax(row_logits.float() / row.temperature, dim=-1)
-                tok = int(torch.multinomial(probs, 1, generator=row.generator))
-            else:
-                tok = int(row_logits.argmax())
+            tok = pick_token(row_logits, row.out, row.processor, row.temperature, row.generator)
             if tok in self.verifier.eos_ids:
                 return self._finish(row, finished=True)
             if not row.out:

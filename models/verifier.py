@@ -33,6 +33,18 @@ LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 # below this a temperature is greedy: dividing logits by ~1e-300 overflows to inf and NaN probabilities
 MIN_TEMPERATURE = 1e-4
 
+def pick_token(row_logits: torch.Tensor, generated: Sequence[int], processor: LogitsProcessor | None,
+               temperature: float, generator: torch.Generator | None) -> int:
+    """One row's next token: its processor's mask, then greedy (``temperature`` below
+    :data:`MIN_TEMPERATURE`) or a draw from ``generator``."""
+    if processor is not None:
+        row_logits = processor(generated, row_logits)
+    if temperature >= MIN_TEMPERATURE:
+        probs = torch.softmax(row_logits.float() / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
+    return int(row_logits.argmax())
+
+
 class CausalLM(Protocol):
     tokenizer: object
     device: torch.device
@@ -158,17 +170,7 @@ class ARVerifier:
         active = list(range(len(prompts)))
         generated: list[list[int]] = [[] for _ in prompts]
         while active and not past(deadline):
-            nxt = []
-            for b, r in enumerate(active):
-                row_logits = logits[b]
-                if processors[r] is not None:
-                    row_logits = processors[r](generated[r], row_logits)
-                if temperature >= MIN_TEMPERATURE:
-                    probs = torch.softmax(row_logits.float() / temperature, dim=-1)
-                    tok = int(torch.multinomial(probs, 1, generator=gen))
-                else:
-                    tok = int(row_logits.argmax())
-                nxt.append(tok)
+            nxt = [pick_token(logits[b], generated[r], processors[r], temperature, gen) for b, r in enumerate(active)]
             ended = []
             for b, (r, tok) in enumerate(zip(active, nxt)):
                 if tok in self.eos_ids:
