@@ -6,12 +6,13 @@ deadline and token callback (streaming). One loop thread owns the model:
 
 1. admit waiting rows, at most ``max_num_seqs`` running and ``max_batch_tokens`` tokens of
    context in the batch (prompt + budget of every row);
-2. feed the running rows their last token (one forward); rows that joined are prefilled on their
-   own, left-padded to the batch's width so their positions line up with the running rows (as in
-   one padded batch, :meth:`models.verifier.ARVerifier.generate`), and their KV is appended to the
-   running cache. A joining row longer than the batch, a batch with no rows yet, or a batch whose
-   width has run ``max_padding`` positions past its longest row makes one padded prefill of every
-   row instead (so the width, and the positions, stay bounded under constant load);
+2. feed the running rows their last token (one forward); rows that joined are prefilled together,
+   left-padded only to the longest of them, and their KV, padded on the left with masked columns to
+   the batch's width, is appended to the running cache. Every row keeps its own token positions
+   (0 at its first token, as alone), so the padding a row sits behind changes nothing it computes.
+   A joining row longer than the batch, a batch with no rows yet, or a batch whose width has run
+   ``max_padding`` columns past its longest row makes one padded prefill of every row instead (so
+   the width stays bounded under constant load);
 3. each row picks its next token from its own logits; a row leaves at ``<eos>``, its budget, its
    deadline, or when its caller went away (a cancelled future, or a callback that raises).
 
@@ -38,6 +39,7 @@ from .verifier import (
     Generation,
     LogitsProcessor,
     pick_token,
+    row_positions,
 )
 
 
@@ -180,8 +182,9 @@ class ARBatcher:
                     cache, mask, logits, cur = self._rebuild(active)
                 else:  # feed the running rows their last token, then splice the joining rows in
                     step_ids = torch.tensor([[r.out[-1]] for r in active], device=dev)
+                    positions = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in active], device=dev)
                     mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
-                    logits = self.lm.logits(step_ids, mask, cur, cache)[:, -1]
+                    logits = self.lm.logits(step_ids, mask, cur, cache, positions)[:, -1]
                     cur += 1
                     spliced = self._splice(cache, logits, mask, joined, cur) if joined else (logits, mask)
                     if spliced is None:  # the layers cannot be joined
@@ -216,23 +219,25 @@ class ARBatcher:
         """One left-padded prefill of every row: (cache, mask, next-token logits, width)."""
         ids, mask = left_padded([r.prompt + r.out for r in rows], self.verifier.pad_id, self.lm.device)
         cache = self.lm.new_cache()
-        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
+        logits = self.lm.logits(ids, mask, 0, cache, row_positions(mask))[:, -1]
         self._rebuilds += 1
         return cache, mask, logits, ids.shape[1]
 
     def _splice(self, cache, logits, mask, joined: list[_Row], width: int):
-        """Prefill the joining rows alone, left-padded to the running batch's ``width`` (so their
-        positions line up with its rows, as in one padded batch), and append them to ``cache``:
-        the batch's (logits, mask), or None when the layers cannot be joined (a cache layer other
-        than the dynamic full and sliding-window ones)."""
+        """Prefill the joining rows together (left-padded to the longest of them, each at its own
+        positions), pad their KV on the left to the running batch's ``width`` and append it to
+        ``cache``: the batch's (logits, mask), or None when the layers cannot be joined (a cache
+        layer other than the dynamic full and sliding-window ones, or a joining row longer than a
+        sliding window holds)."""
         dev = self.lm.device
-        ids, new_mask = left_padded([r.prompt + r.out for r in joined], self.verifier.pad_id, dev, width)
+        ids, new_mask = left_padded([r.prompt + r.out for r in joined], self.verifier.pad_id, dev)
         new = self.lm.new_cache()
-        new_logits = self.lm.logits(ids, new_mask, 0, new)[:, -1]
+        new_logits = self.lm.logits(ids, new_mask, 0, new, row_positions(new_mask))[:, -1]
         if not _concat_caches(cache, new):
             return None
         self._splices += 1
-        return torch.cat([logits, new_logits]), torch.cat([mask, new_mask])
+        pad = torch.zeros(len(joined), width - new_mask.shape[1], dtype=torch.bool, device=dev)
+        return torch.cat([logits, new_logits]), torch.cat([mask, torch.cat([pad, new_mask], 1)])
 
     def _advance(self, row: _Row, row_logits: torch.Tensor) -> bool:
         """Pick ``row``'s next token; False when the row left (its future then holds the outcome)."""
@@ -272,8 +277,9 @@ class ARBatcher:
 
 
 def _concat_caches(cache, new) -> bool:
-    """Append ``new``'s rows to ``cache`` (the same width) in place; False, leaving ``cache`` as it
-    was, when a layer is of another kind or the two differ in length."""
+    """Append ``new``'s rows to ``cache`` in place, ``new``'s layers padded on the left with zero
+    (masked) columns to ``cache``'s length; False, leaving ``cache`` as it was, when a layer is of
+    another kind or ``new`` holds more columns than ``cache``."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     pairs = list(zip(cache.layers, new.layers))
@@ -282,10 +288,18 @@ def _concat_caches(cache, new) -> bool:
     for a, b in pairs:
         if type(a) is not type(b) or type(a) not in (DynamicLayer, DynamicSlidingWindowLayer):
             return False
-        if not (a.is_initialized and b.is_initialized) or a.keys.shape[-2] != b.keys.shape[-2]:
+        if not (a.is_initialized and b.is_initialized) or b.keys.shape[-2] > a.keys.shape[-2]:
             return False
-        if getattr(a, "cumulative_length", None) != getattr(b, "cumulative_length", None):
-            return False
+        if type(a) is DynamicSlidingWindowLayer and b.cumulative_length > b.keys.shape[-2]:
+            return False  # the joining rows outgrew the window: their dropped columns cannot be re-padded
     for a, b in pairs:
-        a.keys, a.values = torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values])
+        a.keys, a.values = torch.cat([a.keys, _left_pad(b.keys, a.keys.shape[-2])]), \
+            torch.cat([a.values, _left_pad(b.values, a.values.shape[-2])])
     return True
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``x`` [batch, heads, n, dim] with zero columns in front up to ``length``."""
+    if x.shape[-2] == length:
+        return x
+    return torch.cat([x.new_zeros(*x.shape[:-2], length - x.shape[-2], x.shape[-1]), x], dim=-2)

@@ -45,15 +45,29 @@ def pick_token(row_logits: torch.Tensor, generated: Sequence[int], processor: Lo
     return int(row_logits.argmax())
 
 
+def columns(start: int, ids: torch.Tensor) -> torch.Tensor:
+    """Positions ``start..start + n`` [1, n], shared by every row of ``ids`` [batch, n]."""
+    return torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+
+
+def row_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each left-padded row's own positions [batch, width]: 0 at its first real token (padding
+    takes 0 too and is masked out), as the row has alone."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class CausalLM(Protocol):
     tokenizer: object
     device: torch.device
 
     def new_cache(self): ...
 
-    def logits(self, ids: torch.Tensor, mask: torch.Tensor, start: int, cache) -> torch.Tensor:
-        """Next-token logits [batch, n, vocab] (float32) for ``ids`` [batch, n] placed at positions
-        ``start..`` after what ``cache`` holds; ``mask`` [batch, start + n] marks real tokens."""
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor, start: int, cache,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [batch, n, vocab] (float32) for ``ids`` [batch, n] placed at columns
+        ``start..`` after what ``cache`` holds; ``mask`` [batch, start + n] marks real tokens.
+        ``positions`` [batch, n] gives each row its own token positions (rotary), by default the
+        columns themselves."""
         ...
 
 
@@ -73,8 +87,9 @@ class DiffusionCausalLM:
 
         return DynamicCache(config=self.model.config.get_text_config(decoder=True))
 
-    def logits(self, ids, mask, start, cache):
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    def logits(self, ids, mask, start, cache, positions=None):
+        if positions is None:
+            positions = columns(start, ids)
         lm = self.model.model.encoder.language_model
         out = lm(input_ids=ids, attention_mask=mask.long(), position_ids=positions, **cache_kwarg(lm, cache))
         return softcapped(self.model.lm_head(out.last_hidden_state))
@@ -96,8 +111,9 @@ class TransformersCausalLM:
 
         return DynamicCache(config=self.model.config)
 
-    def logits(self, ids, mask, start, cache):
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    def logits(self, ids, mask, start, cache, positions=None):
+        if positions is None:
+            positions = columns(start, ids)
         out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions,
                          past_key_values=cache, use_cache=True)
         return out.logits.float()
