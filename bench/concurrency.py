@@ -121,7 +121,7 @@ def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
         ray.shutdown()
 
 
-def vllm_runs(items, levels, max_tokens) -> list[dict]:
+def vllm_runs(items, levels, max_tokens, extra_args: list[str] = ()) -> list[dict]:
     import requests
 
     from models.export_ar import export
@@ -136,7 +136,8 @@ def vllm_runs(items, levels, max_tokens) -> list[dict]:
                "--served-model-name", "peer", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max(levels)),
                "--kv-cache-memory-bytes", str(256 * 2**20),
-               "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True})]
+               "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+               *extra_args]
         log = open(Path(tmp) / "vllm.log", "w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -176,13 +177,16 @@ def main() -> None:
     ap.add_argument("--routes", default="auto,ar")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--vllm", action="store_true", help="also measure the vLLM peer")
+    ap.add_argument("--vllm-args", default="", help="more arguments for the vLLM server, e.g. "
+                    "'--no-enable-prefix-caching'")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     items = workload(a.n)
-    rows = dgserve_runs(items, levels, [r for r in a.routes.split(",") if r], a.max_tokens)
+    routes = [r for r in a.routes.split(",") if r]
+    rows = dgserve_runs(items, levels, routes, a.max_tokens) if routes else []
     if a.vllm:
-        rows += vllm_runs(items, levels, a.max_tokens)
+        rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split())
     if a.json:
         print(json.dumps(rows))
         return
