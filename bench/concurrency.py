@@ -23,16 +23,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `make` sets it; read when Ray is imported
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 def workload(n: int, seed: int = 401) -> list[tuple[str, dict]]:
@@ -122,52 +117,16 @@ def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
 
 
 def vllm_runs(items, levels, max_tokens, extra_args: list[str] = ()) -> list[dict]:
-    import requests
+    from bench.peer import MODEL_NAME, peer
 
-    from models.export_ar import export
-    from models.loading import DEFAULT_CHECKPOINT
-
-    if not VLLM_PYTHON.exists():
-        raise SystemExit(f"--vllm needs {VLLM_PYTHON} (make test-vllm builds it)")
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = export(DEFAULT_CHECKPOINT, Path(tmp) / "dg-tiny-ar")
-        port = 8777
-        cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt),
-               "--served-model-name", "peer", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", str(max(levels)),
-               "--kv-cache-memory-bytes", str(256 * 2**20),
-               "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
-               *extra_args]
-        log = open(Path(tmp) / "vllm.log", "w")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 600
-            while True:
-                if proc.poll() is not None:
-                    log.flush()
-                    raise SystemExit("vLLM peer exited:\n" + (Path(tmp) / "vllm.log").read_text()[-3000:])
-                try:
-                    if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.time() > deadline:
-                    raise SystemExit("vLLM peer did not start within 600 s")
-                time.sleep(2)
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
-            warm(url, "peer", items, max_tokens, None)
-            out = []
-            for c in levels:
-                out.append({"server": "vLLM (AR + xgrammar)", **level(url, "peer", items, c, max_tokens, None)})
-                print(json.dumps(out[-1]), file=sys.stderr)
-            return out
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+    with peer(max_num_seqs=max(levels), extra_args=extra_args) as base:
+        url = f"{base}/v1/chat/completions"
+        warm(url, MODEL_NAME, items, max_tokens, None)
+        out = []
+        for c in levels:
+            out.append({"server": "vLLM (AR + xgrammar)", **level(url, MODEL_NAME, items, c, max_tokens, None)})
+            print(json.dumps(out[-1]), file=sys.stderr)
+        return out
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jsonschema.validators import validator_for
 
-PROMPT = "Return a JSON object that follows the schema.\nSchema: {schema}\nText: Use realistic example values."
+from bench.workload import SCHEMA_PROMPT as PROMPT  # noqa: E402
 
 
 def request(schema: dict, max_tokens: int) -> dict:
