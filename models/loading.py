@@ -50,11 +50,11 @@ def eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-def left_padded(prompts, pad_id: int, device, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of token-id ``prompts`` padded on the left, so every row's answer starts at the same
-    position: (ids [batch, width] long, mask [batch, width] bool, True on real tokens). ``width``
-    (at least the longest prompt) defaults to the longest prompt."""
-    width = max(len(p) for p in prompts) if width is None else width
+    position: (ids [batch, width] long, mask [batch, width] bool, True on real tokens), ``width``
+    the longest prompt."""
+    width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     for i, p in enumerate(prompts):
