@@ -163,6 +163,9 @@ class ValidatorArgs(_Strict):
 
 
 class RouterArgs(_Strict):
+    # measured: the path predicted fastest from running estimates (pipeline/route_estimates.py);
+    # static: the fixed rules (pipeline/router.py:static_route)
+    policy: Literal["measured", "static"] = _POLICY.kind
     drafter_queue_threshold: int = Field(default=_POLICY.drafter_queue_threshold, ge=0)
     prose_route: Literal["diffusion", "verify", "ar"] = _POLICY.prose_route
     greedy_prose_route: Literal["diffusion", "verify", "ar"] | None = _POLICY.greedy_prose_route
@@ -170,10 +173,20 @@ class RouterArgs(_Strict):
     drafter_cooldown_s: float = Field(default=_HEALTH.cooldown_s, ge=0)
 
     drafter_deadline_share: float = Field(default=_POLICY.drafter_deadline_share, gt=0, le=1)
+    min_agreement: float = Field(default=_POLICY.min_agreement, ge=0, le=1)
+    min_agreement_samples: int = Field(default=_POLICY.min_agreement_samples, ge=1)
+    shadow_share: float = Field(default=_POLICY.shadow_share, ge=0, le=1)
+    explore_share: float = Field(default=_POLICY.explore_share, ge=0, le=0.5)
+    calibration_requests: int = Field(default=_POLICY.calibration_requests, ge=0)
+    estimate_decay: float = Field(default=_POLICY.estimate_decay, gt=0, lt=1)
 
-    def policy(self) -> RouterPolicy:
-        return RouterPolicy(self.drafter_queue_threshold, self.prose_route, self.greedy_prose_route,
-                            self.drafter_deadline_share)
+    def router_policy(self) -> RouterPolicy:
+        return RouterPolicy(
+            kind=self.policy, drafter_queue_threshold=self.drafter_queue_threshold, prose_route=self.prose_route,
+            greedy_prose_route=self.greedy_prose_route, drafter_deadline_share=self.drafter_deadline_share,
+            min_agreement=self.min_agreement, min_agreement_samples=self.min_agreement_samples,
+            shadow_share=self.shadow_share, explore_share=self.explore_share,
+            calibration_requests=self.calibration_requests, estimate_decay=self.estimate_decay)
 
     def health(self) -> DrafterHealth:
         return DrafterHealth(self.drafter_failures_before_cooldown, self.drafter_cooldown_s)

@@ -61,6 +61,9 @@ class ARHandle:
     async def repair(self, job: Job, draft: TextResult) -> TextResult:
         return await _call(self.handle.repair, job, draft)
 
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        return await _call(self.handle.agreement, job, answer)
+
 
 class VerifierHandle:
     """A :class:`models.speculative.RoundVerifier` over a Verifier deployment handle: one call per

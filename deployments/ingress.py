@@ -133,12 +133,15 @@ def _respond(reply: Reply) -> Response:
 @serve.deployment(name="Ingress")
 @serve.ingress(http)
 class Ingress:
-    def __init__(self, args: AppArgs, drafter, ar, validator):
+    async def __init__(self, args: AppArgs, drafter, ar, validator):
+        """Async so that the router's calibration (a few requests per path) finishes before the
+        replica takes traffic: the first requests are routed by measurement."""
         configure_tracing("ingress")
         self.drafter = DraftHandle(drafter)
         self.health_state = args.router.health()
         self.watcher = None  # started on the first call (it needs the replica's running event loop)
-        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), args.router.policy(),
+        policy = args.router.router_policy()
+        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), policy,
                             self.health_state, args.structured.policy())
         api_key = None
         if args.auth.api_key_env is not None:
@@ -151,6 +154,10 @@ class Ingress:
         http.state.gateway = self.gateway
         http.openapi = partial(openapi_document, http, args.model_name)
         http.openapi_schema = None
+        if policy.kind == "measured" and policy.calibration_requests:
+            from pipeline.route_estimates import calibration_jobs
+
+            await pipeline.calibrate(calibration_jobs(min(64, args.limits.max_tokens)), policy.calibration_requests)
 
     def _watch(self) -> None:
         """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""

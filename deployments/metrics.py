@@ -5,7 +5,7 @@ The metric set and the mapping from a finished request to metric updates live in
 ``ray_`` prefix and the application/deployment/replica tags; counters get ``_total``.
 """
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from pipeline.telemetry import METRICS, RequestObservation, metric_events
 
@@ -16,6 +16,8 @@ class ServeMetrics:
         for spec in METRICS:
             if spec.kind == "counter":
                 self.instruments[spec.name] = Counter(spec.name, description=spec.description, tag_keys=spec.tags)
+            elif spec.kind == "gauge":
+                self.instruments[spec.name] = Gauge(spec.name, description=spec.description, tag_keys=spec.tags)
             else:
                 self.instruments[spec.name] = Histogram(spec.name, description=spec.description,
                                                         boundaries=list(spec.boundaries), tag_keys=spec.tags)
@@ -25,5 +27,7 @@ class ServeMetrics:
             inst = self.instruments[name]
             if isinstance(inst, Counter):
                 inst.inc(value, tags=tags)
+            elif isinstance(inst, Gauge):
+                inst.set(value, tags=tags)
             else:
                 inst.observe(value, tags=tags)

@@ -110,6 +110,9 @@ class DrafterDeployment:
     async def repair(self, job: Job, draft: TextResult) -> TextResult:
         return await self._ar().repair(job, draft)
 
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        return await self._ar().agreement(job, answer)
+
     async def speculate(self, job: Job) -> TextResult:
         return await self.roles.drafter.speculate(job)
 
@@ -158,6 +161,9 @@ class VerifierDeployment:
 
     async def repair(self, job: Job, draft: TextResult) -> TextResult:
         return await self.roles.ar.repair(job, draft)
+
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        return await self.roles.ar.agreement(job, answer)
 
     async def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         async for chunk in self.roles.ar.stream(job):

@@ -159,11 +159,13 @@ class RequestRecord:
         self.stream = False
         self.structured = False
         self.first_chunk_s: float | None = None
+        self.decision: RouteDecision | None = None  # the router's, before any failover
         self.stats = Stats()  # filled by the pipeline as its stages run
         self.closed = False
 
     def request(self, job: Job, decision: RouteDecision, stream: bool) -> None:
         self.route, self.stream, self.structured = decision.path, stream, job.constraint is not None
+        self.decision = decision
         telemetry.attributes(self.span, {
             telemetry.GEN_AI_MAX_TOKENS: job.max_tokens, telemetry.GEN_AI_TEMPERATURE: job.temperature,
             telemetry.GEN_AI_OUTPUT_TYPE: "json" if job.constraint is not None else "text",
@@ -205,8 +207,10 @@ class RequestRecord:
         self.span.end()
         total = time.perf_counter() - self.start
         try:
+            routed = self.decision
             self.metrics.observe(RequestObservation(self.route, status, self.stream, self.structured, total,
-                                                    self.first_chunk_s, stats))
+                                                    self.first_chunk_s, stats, routed.shape if routed else "",
+                                                    routed.predicted if routed else ()))
         except Exception:  # metrics must never fail a request
             pass
 
@@ -256,9 +260,12 @@ class Gateway:
 
     def health(self) -> Reply:
         drafter = self.pipeline.drafter is not None and self.pipeline.health.healthy()
+        p = self.pipeline
         return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
-                           "drafter_stuck_jobs": self.pipeline.health.stuck,
-                           "drafts_in_flight": self.pipeline.drafts_in_flight, "requests_in_flight": self.in_flight})
+                           "drafter_stuck_jobs": p.health.stuck,
+                           "drafts_in_flight": p.drafts_in_flight, "requests_in_flight": self.in_flight,
+                           "router": {"policy": p.policy.kind, "observations": p.estimates.observed,
+                                      "estimates": p.estimates.snapshot()}})
 
     async def chat(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
         return await self._handle(raw, headers, ChatCompletionRequest, chat=True)
@@ -313,7 +320,7 @@ class Gateway:
                   request_id=uuid.uuid4().hex, trace=dict(trace or {}),
                   deadline=None if timeout_s is None else time.time() + timeout_s)
         shape = RequestShape(structured=constraint is not None, stream=req.stream,
-                             temperature=req.temperature, requested=req.route)
+                             temperature=req.temperature, requested=req.route, max_tokens=limit)
         return job, self.pipeline.route(shape, job.trace)
 
     async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:

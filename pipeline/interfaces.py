@@ -169,6 +169,11 @@ class ARService(Protocol):
         (0: the answer was made from scratch)."""
         ...
 
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        """Shadow verification: the share of ``answer`` AR's greedy decoding agrees with (the
+        accepted prefix of one verify forward, over the answer's length); None: nothing to score."""
+        ...
+
 
 class ValidationService(Protocol):
     async def validate(self, constraint: Constraint, text: str, trace: dict[str, str] | None = None) -> Verdict:

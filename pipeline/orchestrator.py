@@ -8,9 +8,10 @@ accepted it; otherwise the pipeline repairs or falls back on AR, and answers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from opentelemetry.trace import SpanKind
 
@@ -34,11 +35,13 @@ from .interfaces import (
     TextResult,
     ValidationService,
 )
+from .route_estimates import PATHS, RouteEstimates, ShapeKey
 from .router import (
     Load,
     RequestShape,
     RouteDecision,
     RouterPolicy,
+    below_floor,
     choose_route,
     failover,
 )
@@ -61,24 +64,126 @@ class StructuredPolicy:
 class Pipeline:
     def __init__(self, drafter: DraftService | None, ar: ARService, validator: ValidationService,
                  policy: RouterPolicy | None = None, health: DrafterHealth | None = None,
-                 structured: StructuredPolicy | None = None):
+                 structured: StructuredPolicy | None = None, estimates: RouteEstimates | None = None):
         self.drafter = drafter
         self.ar = ar
         self.validator = validator
         self.policy = policy or RouterPolicy()
         self.health = health or DrafterHealth()
         self.structured = structured or StructuredPolicy()
+        self.estimates = estimates or RouteEstimates(self.policy.estimate_decay)
+        self.paths = PATHS if drafter is not None else ("ar",)
         self.drafts_in_flight = 0
+        self.in_flight = 0  # requests on any path (what the cost estimates are a line in)
+        self.routed = 0  # auto decisions made by measurement (the exploration clock)
+        self.last_measured: dict[str, int] = {}  # path -> ``routed`` when it last served a request
+        self.diffusion_answers = 0  # the shadow-verification clock
+        self.calibrating = False
+        self.recording = True  # costs are recorded (off only for a calibration's warm-up)
+        self.background: set[asyncio.Task] = set()  # shadow verifications in flight
 
     # -- routing ----------------------------------------------------------------------------
     def route(self, shape: RequestShape, trace: dict[str, str] | None = None) -> RouteDecision:
-        load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy())
+        load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy(), self.in_flight)
         with telemetry.span("dgserve.route", trace) as sp:
-            decision = choose_route(shape, load, self.policy)
+            estimates = (self.estimates.for_shape(shape.key(), self.paths)
+                         if self.policy.kind == "measured" else None)
+            decision = choose_route(shape, load, self.policy, estimates)
+            if decision.predicted and not decision.requested:
+                decision = self._explore(decision, estimates or {})
             telemetry.attributes(sp, {"dgserve.route": decision.path, "dgserve.route_reason": decision.reason,
-                                      "dgserve.drafter_queue": load.drafter_queue,
+                                      "dgserve.drafter_queue": load.drafter_queue, "dgserve.in_flight": load.in_flight,
                                       "dgserve.drafter_in_rotation": load.drafter_healthy})
         return decision
+
+    def _explore(self, decision: RouteDecision, estimates: dict) -> RouteDecision:
+        """Every ``1 / explore_share``-th measured decision goes to the other eligible path measured
+        least recently, so an estimate that was once too high can still come down."""
+        self.routed += 1
+        share = self.policy.explore_share
+        if share <= 0 or self.routed % max(1, round(1 / share)):
+            return decision
+        eligible = [p for p in estimates if p != decision.path and p in self.paths
+                    and not below_floor(estimates[p], self.policy)]
+        if not eligible:
+            return decision
+        path = min(eligible, key=lambda p: self.last_measured.get(p, -1))
+        ago = self.routed - self.last_measured.get(path, 0)
+        return replace(decision, path=path, explored=True,
+                       reason=f"exploring {path} (last measured {ago} decisions ago); {decision.reason}")
+
+    # -- measurement --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _measured(self, job: Job, decision: RouteDecision, stream: bool):
+        """Counts the request in flight; ``done(first_chunk_s)`` records its cost under the routed
+        path (a failover's cost included: it is what choosing that path cost)."""
+        start, in_flight = time.perf_counter(), self.in_flight
+        self.in_flight += 1
+
+        def done(first_chunk_s: float | None = None) -> None:
+            if not self.recording:
+                return
+            key = ShapeKey.of(job.constraint is not None, stream, job.max_tokens)
+            self.estimates.observe(decision.path, key, in_flight, time.perf_counter() - start, first_chunk_s,
+                                   calibration=self.calibrating)
+            self.last_measured[decision.path] = self.routed
+
+        try:
+            yield done
+        finally:
+            self.in_flight -= 1
+
+    def _shadow(self, job: Job, decision: RouteDecision, result: TextResult) -> None:
+        """Score a sampled share of diffusion answers with the AR verifier, off the critical path."""
+        if decision.path != "diffusion" or not hasattr(self.ar, "agreement"):
+            return
+        if not self.calibrating:
+            self.diffusion_answers += 1
+            share = self.policy.shadow_share
+            if share <= 0 or self.diffusion_answers % max(1, round(1 / share)):
+                return
+        key = ShapeKey.of(job.constraint is not None, False, job.max_tokens)
+        task = asyncio.get_running_loop().create_task(self._score(job, result, key))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _score(self, job: Job, result: TextResult, key: ShapeKey) -> None:
+        with telemetry.span("dgserve.shadow_verify", job.trace, SpanKind.CLIENT) as sp:
+            try:
+                agreement = await self.ar.agreement(replace(job, deadline=None, trace=telemetry.carrier_of(sp)), result)
+            except Exception as e:  # a shadow score is best effort: it never touches the request
+                telemetry.fail(sp, e)
+                return
+            if agreement is not None:
+                self.estimates.observe_agreement("diffusion", key, agreement)
+                sp.set_attribute("dgserve.agreement", agreement)
+
+    async def calibrate(self, jobs: Sequence[tuple[Job, bool]], repeats: int) -> None:
+        """Seed the estimates before serving: every (job, stream) on every path ``repeats`` times,
+        one at a time, after one unrecorded warm-up request per path; diffusion answers are all
+        shadow-verified. A request that fails is skipped (its path keeps no estimate from it)."""
+        if repeats <= 0 or not jobs:
+            return
+        self.calibrating = True
+        try:
+            for path in self.paths:
+                decision = RouteDecision(path, "calibration", requested=True)  # type: ignore[arg-type]
+                for i in range(1 + repeats * len(jobs)):
+                    job, stream = jobs[max(0, i - 1) % len(jobs)]
+                    job = replace(job, request_id=f"calibration-{path}-{i}")
+                    self.recording = i > 0  # the first request per path warms it up, unrecorded
+                    try:
+                        if stream:
+                            async for _ in self.stream(job, decision):
+                                pass
+                        else:
+                            await self.run(job, decision)
+                    except PipelineError:
+                        pass
+            if self.background:
+                await asyncio.gather(*list(self.background), return_exceptions=True)
+        finally:
+            self.calibrating, self.recording = False, True
 
     async def _ar(self, stage: str, method, job: Job, *args) -> TextResult:
         """An AR call (``stage``: generate | repair | fallback); a failing verifier is a clean 503
@@ -104,10 +209,17 @@ class Pipeline:
 
     # -- non-streaming ----------------------------------------------------------------------
     async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
-                  stats: Stats | None = None) -> Outcome:
-        """``stats``, when given, is filled as the stages run, so a caller sees them on failure too."""
-        stops = stops or []
+                  stats: Stats | None = None, stream: bool = False) -> Outcome:
+        """``stats``, when given, is filled as the stages run, so a caller sees them on failure too.
+        ``stream``: the client streams it (the shape its cost is recorded under)."""
         stats = Stats() if stats is None else stats
+        with self._measured(job, decision, stream) as done:
+            outcome = await self._run(job, decision, stops or [], stats)
+            done(None if job.constraint is not None else stats.first_token_s or stats.first_chunk_s)
+        self._shadow(job, decision, outcome.result)
+        return outcome
+
+    async def _run(self, job: Job, decision: RouteDecision, stops: list[str], stats: Stats) -> Outcome:
         if decision.path == "ar":
             result = await self._ar("generate", self.ar.generate, job)
             stats.update(result.stats)
@@ -190,9 +302,17 @@ class Pipeline:
         only once validated (one chunk), so a stream never shows an invalid answer."""
         stops = stops or []
         if job.constraint is not None:
-            outcome = await self.run(job, decision, stops, stats)
+            outcome = await self.run(job, decision, stops, stats, stream=True)
             yield TextChunk(outcome.result.text, replace(outcome.result, stats=outcome.stats))
             return
+        with self._measured(job, decision, True) as done:
+            async for chunk in self._stream(job, decision, stops, stats, done):
+                yield chunk
+
+    async def _stream(self, job: Job, decision: RouteDecision, stops: list[str], stats: Stats | None,
+                      done) -> AsyncIterator[TextChunk]:
+        start = time.perf_counter()
+        first_chunk_s = None
         scanner = StopScanner(stops)
         if decision.path != "ar" and self.drafter is None:
             raise Unavailable("no drafter is configured")
@@ -217,6 +337,8 @@ class Pipeline:
                 piece = scanner.push(chunk.text)
                 if piece:
                     sent += piece
+                    if first_chunk_s is None:
+                        first_chunk_s = time.perf_counter() - start
                     yield TextChunk(piece)
                 if scanner.stopped:
                     break
@@ -238,6 +360,8 @@ class Pipeline:
             yield TextChunk(tail)
         if final is None:
             final = TextResult(sent, 0, 0, True)
+        done(first_chunk_s)
+        self._shadow(job, decision, replace(final, text=sent, token_ids=final.token_ids if sent == final.text else None))
         yield TextChunk("", replace(final, text=sent, finished=final.finished or scanner.stopped,
                                     token_ids=final.token_ids if sent == final.text else None))
 

@@ -23,6 +23,19 @@ def speculative_result(prompt: Sequence[int], r) -> TextResult:
         denoising_steps=r.denoising_steps, verify_s=round(r.total_s, 4)), tuple(r.token_ids))
 
 
+async def shadow_agreement(tokenizer, verify, job: Job, answer: TextResult) -> float | None:
+    """How much of ``answer`` AR's greedy decoding agrees with: the accepted prefix of one verify
+    forward over ``prompt + answer`` (``verify``: a RoundVerifier's, models/acceptance.py's rule)
+    divided by the answer's length. None for an empty answer. Example: an answer of 20 tokens whose
+    first 15 are AR's greedy choices -> 0.75."""
+    ids = (list(answer.token_ids) if answer.token_ids is not None
+           else tokenizer(answer.text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        return None
+    verification = await verify(encode_job(tokenizer, job), ids)
+    return round(verification.accepted / len(ids), 4)
+
+
 class RoundSpeculation:
     """The verify route as rounds between two services that share no process or cache:
     ``draft_canvas`` (async, see :data:`models.speculative.DraftCanvas`: a vLLM drafter engine, or a

@@ -228,7 +228,7 @@ def record_speculation(carrier: Mapping[str, str] | None, start_ns: int, result)
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    kind: str  # "counter" | "histogram"
+    kind: str  # "counter" | "histogram" | "gauge"
     description: str
     tags: tuple[str, ...] = ()
     boundaries: tuple[float, ...] = ()
@@ -263,6 +263,12 @@ METRICS: tuple[MetricSpec, ...] = (
                "Time from request to the first streamed text chunk", ("route",), _SECONDS),
     MetricSpec("dgserve_request_duration_seconds", "histogram",
                "Time from request to the final answer", ("route", "stream"), _SECONDS),
+    MetricSpec("dgserve_route_predicted_seconds", "gauge",
+               "The router's predicted seconds to a valid answer per path and request shape, at the last "
+               "request's load", ("path", "shape")),
+    MetricSpec("dgserve_route_agreement", "gauge",
+               "Shadow-verified share of a path's answers AR's greedy agrees with, per request shape",
+               ("path", "shape")),
 )
 
 
@@ -277,6 +283,8 @@ class RequestObservation:
     total_s: float
     first_chunk_s: float | None = None  # streaming only
     stats: Stats = field(default_factory=Stats)
+    shape: str = ""  # the request shape the router read estimates for ("" : none read)
+    predicted: tuple[tuple[str, float, float | None], ...] = ()  # the router's (path, seconds, agreement)
 
 
 def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, str]]]:
@@ -312,6 +320,10 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
         ev.append(("dgserve_verify_drafts_per_request", st.drafts, {}))
     if st.verifier_forwards_per_token is not None:
         ev.append(("dgserve_verifier_forwards_per_token", st.verifier_forwards_per_token, {}))
+    for path, seconds, agreement in obs.predicted:
+        ev.append(("dgserve_route_predicted_seconds", seconds, {"path": path, "shape": obs.shape}))
+        if agreement is not None:
+            ev.append(("dgserve_route_agreement", agreement, {"path": path, "shape": obs.shape}))
     return ev
 
 

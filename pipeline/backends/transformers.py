@@ -13,7 +13,7 @@ from .. import telemetry
 from ..errors import BadRequest
 from ..health import WorkTracker, batch_deadline, tracked
 from ..interfaces import Job, Stats, TextChunk, TextResult
-from ..speculation import RoundSpeculation, speculative_result
+from ..speculation import RoundSpeculation, shadow_agreement, speculative_result
 from ..streaming import stream_in_thread
 from ..tokens import encode_job
 
@@ -207,6 +207,9 @@ class TransformersAR:
 
         accepted, nxt = await asyncio.to_thread(self.verifier.verify, list(prompt), list(draft))
         return Verification(accepted, nxt)
+
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        return await shadow_agreement(self.tokenizer, self.verify, job, answer)
 
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         """One chunk per token, as the running batch produces it."""

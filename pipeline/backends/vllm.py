@@ -27,7 +27,7 @@ from models.constraints import GRAMMAR_KINDS
 from .. import telemetry
 from ..errors import BadRequest
 from ..interfaces import Job, Stats, TextChunk, TextResult
-from ..speculation import RoundSpeculation
+from ..speculation import RoundSpeculation, shadow_agreement
 from ..streaming import text_chunks
 from ..tokens import detokenizer, encode_job
 
@@ -73,6 +73,9 @@ class VLLMAR:
 
     async def verify(self, prompt, draft):
         return await self.engine.verify(prompt, draft)
+
+    async def agreement(self, job: Job, answer: TextResult) -> float | None:
+        return await shadow_agreement(self.tokenizer, self.verify, job, answer)
 
     def stream(self, job: Job) -> AsyncIterator[TextChunk]:
         prompt = encode_job(self.tokenizer, job)
