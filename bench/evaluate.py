@@ -268,6 +268,8 @@ def summarize(items: list[dict], results: list[dict], wall_s: float, gpu_hour_us
 
 def run_level(target: Target, items: list[dict], clients: int, stream: bool, timeout_s: float,
               progress=None) -> tuple[list[dict], float]:
+    """Every item once, by ``clients`` closed-loop clients; streamed when ``stream`` or the item
+    says ``"stream": true`` (a mixed workload)."""
     import requests
 
     local = threading.local()
@@ -275,7 +277,7 @@ def run_level(target: Target, items: list[dict], clients: int, stream: bool, tim
     def one(item):
         if not hasattr(local, "session"):
             local.session = requests.Session()
-        r = send(local.session, target, item, stream, timeout_s)
+        r = send(local.session, target, item, stream or bool(item.get("stream")), timeout_s)
         if progress is not None:
             progress.update(1)
         return r

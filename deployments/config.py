@@ -253,6 +253,11 @@ class AppArgs(_Strict):
             return self.drafter.verify_with
         return "verifier" if self.drafter.backend == "vllm" else "local"
 
+    def sampled_verify(self) -> bool:
+        """The verify route samples only in one process with the verifier (transformers drafter,
+        verified locally); rounds between engines or services are greedy only."""
+        return self.drafter.backend == "transformers" and self.verify_mode() == "local"
+
     @model_validator(mode="after")
     def _shedding_below_ray_limit(self):
         if self.limits.max_in_flight >= self.ingress.max_ongoing_requests:

@@ -22,10 +22,12 @@ async def _call(method, *args):
 
 
 class DraftHandle:
-    """``DraftService`` over a Drafter deployment handle."""
+    """``DraftService`` over a Drafter deployment handle; ``sampled_verify`` is what the replica's
+    wiring gives (``AppArgs.sampled_verify``)."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, sampled_verify: bool):
         self.handle = handle
+        self.sampled_verify = sampled_verify
 
     async def draft(self, job: Job) -> TextResult:
         return await _call(self.handle.draft, job)

@@ -137,7 +137,7 @@ class Ingress:
         """Async so that the router's calibration (a few requests per path) finishes before the
         replica takes traffic: the first requests are routed by measurement."""
         configure_tracing("ingress")
-        self.drafter = DraftHandle(drafter)
+        self.drafter = DraftHandle(drafter, args.sampled_verify())
         self.health_state = args.router.health()
         self.watcher = None  # started on the first call (it needs the replica's running event loop)
         policy = args.router.router_policy()

@@ -23,15 +23,12 @@ from .acceptance import greedy_acceptance
 from .architecture import softcapped
 from .deadline import past
 from .loading import eos_ids, left_padded
+from .temperature import MIN_TEMPERATURE
 from .transformers_compat import cache_kwarg
 
 # A logits processor sees the tokens generated so far and the next-token logits [vocab].
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
-
-
-# below this a temperature is greedy: dividing logits by ~1e-300 overflows to inf and NaN probabilities
-MIN_TEMPERATURE = 1e-4
 
 def pick_token(row_logits: torch.Tensor, generated: Sequence[int], processor: LogitsProcessor | None,
                temperature: float, generator: torch.Generator | None) -> int:

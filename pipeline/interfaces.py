@@ -139,6 +139,10 @@ class Verdict:
 
 
 class DraftService(Protocol):
+    # the verify route accepts a sampling temperature (its verifier shares this process and cache);
+    # False: greedy only, and the router does not send it sampled requests
+    sampled_verify: bool
+
     async def draft(self, job: Job) -> TextResult: ...
 
     def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
@@ -146,7 +150,8 @@ class DraftService(Protocol):
         ...
 
     async def speculate(self, job: Job) -> TextResult:
-        """Drafts verified by AR: AR's greedy answer at the drafter's pace."""
+        """Drafts verified by AR: AR's answer (greedy, or sampled where ``sampled_verify``) at the
+        drafter's pace."""
         ...
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:

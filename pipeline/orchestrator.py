@@ -43,6 +43,7 @@ from .router import (
     RouterPolicy,
     below_floor,
     choose_route,
+    eligible_paths,
     failover,
 )
 from .streaming import StopScanner, cut_at_stop
@@ -72,7 +73,8 @@ class Pipeline:
         self.health = health or DrafterHealth()
         self.structured = structured or StructuredPolicy()
         self.estimates = estimates or RouteEstimates(self.policy.estimate_decay)
-        self.paths = PATHS if drafter is not None else ("ar",)
+        # the verify route can sample (a drafter that does not say is taken as greedy only)
+        self.sampled_verify = bool(getattr(drafter, "sampled_verify", False))
         self.drafts_in_flight = 0
         self.in_flight = 0  # requests on any path (what the cost estimates are a line in)
         self.routed = 0  # auto decisions made by measurement (the exploration clock)
@@ -85,10 +87,11 @@ class Pipeline:
     # -- routing ----------------------------------------------------------------------------
     def route(self, shape: RequestShape, trace: dict[str, str] | None = None) -> RouteDecision:
         load = Load(self.drafts_in_flight, self.drafter is not None and self.health.healthy(), self.in_flight)
+        paths = eligible_paths(shape, self.drafter is not None, self.sampled_verify)
         with telemetry.span("dgserve.route", trace) as sp:
-            estimates = (self.estimates.for_shape(shape.key(), self.paths)
+            estimates = (self.estimates.for_shape(shape.key(), paths)
                          if self.policy.kind == "measured" else None)
-            decision = choose_route(shape, load, self.policy, estimates)
+            decision = choose_route(shape, load, self.policy, estimates, paths)
             if decision.predicted and not decision.requested:
                 decision = self._explore(decision, estimates or {})
             telemetry.attributes(sp, {"dgserve.route": decision.path, "dgserve.route_reason": decision.reason,
@@ -103,7 +106,7 @@ class Pipeline:
         share = self.policy.explore_share
         if share <= 0 or self.routed % max(1, round(1 / share)):
             return decision
-        eligible = [p for p in estimates if p != decision.path and p in self.paths
+        eligible = [p for p in estimates if p != decision.path
                     and not below_floor(estimates[p], self.policy)]
         if not eligible:
             return decision
@@ -166,7 +169,7 @@ class Pipeline:
             return
         self.calibrating = True
         try:
-            for path in self.paths:
+            for path in (PATHS if self.drafter is not None else ("ar",)):
                 decision = RouteDecision(path, "calibration", requested=True)  # type: ignore[arg-type]
                 for i in range(1 + repeats * len(jobs)):
                     job, stream = jobs[max(0, i - 1) % len(jobs)]

@@ -4,7 +4,9 @@ Hard rules first, in this order:
 
 1. an explicit ``route`` other than ``auto`` is honoured (``verify`` and ``diffusion`` fall back to
    ``ar`` only when the drafter is out of rotation);
-2. drafter unhealthy (recent failures, cooling down) -> ``ar``.
+2. drafter unhealthy (recent failures, cooling down) -> ``ar``;
+3. only the paths that can serve the request here are considered (:func:`eligible_paths`): the
+   verify route samples only where the verifier shares the drafter's process.
 
 Then, with ``policy.kind == "measured"`` (the default), the path predicted to serve the request
 fastest (:func:`measured_route`), among those whose shadow-verified agreement with AR meets
@@ -20,10 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from models.temperature import is_greedy
+
 from .route_estimates import PATHS, Path, PathEstimate, ShapeKey
 
 __all__ = ["PATHS", "Path", "RouterPolicy", "RequestShape", "Load", "RouteDecision", "choose_route",
-           "measured_route", "static_route", "below_floor", "failover"]
+           "measured_route", "static_route", "below_floor", "failover", "eligible_paths"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,23 @@ class RouteDecision:
         return f"{self.path}; reason={self.reason}"
 
 
+def eligible_paths(shape: RequestShape, drafter: bool, sampled_verify: bool) -> tuple[Path, ...]:
+    """The paths that can serve ``shape`` here. ``drafter``: one is configured; ``sampled_verify``:
+    the verify route can sample (its verifier shares the drafter's process: sampled verification
+    redraws from the verifier's whole distribution at each draft position, which a verifier
+    elsewhere does not return). A sampled request on a greedy-only verify route would be a 400."""
+    if not drafter:
+        return ("ar",)
+    if not sampled_verify and not is_greedy(shape.temperature):
+        return ("ar", "diffusion")
+    return PATHS
+
+
 def choose_route(shape: RequestShape, load: Load, policy: RouterPolicy,
-                 estimates: Mapping[str, PathEstimate] | None = None) -> RouteDecision:
-    """Pure: the same shape, load, policy and estimates always give the same decision."""
+                 estimates: Mapping[str, PathEstimate] | None = None,
+                 paths: tuple[Path, ...] = PATHS) -> RouteDecision:
+    """Pure: the same shape, load, policy, estimates and eligible ``paths`` always give the same
+    decision. ``auto`` chooses among ``paths`` only; a route the client names is honoured."""
     if shape.requested != "auto":
         if shape.requested in ("diffusion", "verify") and not load.drafter_healthy:
             return RouteDecision("ar", f"requested {shape.requested}, but the drafter is out of rotation")
@@ -92,12 +110,20 @@ def choose_route(shape: RequestShape, load: Load, policy: RouterPolicy,
     if not load.drafter_healthy:
         return RouteDecision("ar", "drafter out of rotation after failures")
     if policy.kind == "measured":
-        decision = measured_route(shape, load, policy, estimates or {})
+        decision = measured_route(shape, load, policy, {p: e for p, e in (estimates or {}).items() if p in paths})
         if decision is not None:
             return decision
-        static = static_route(shape, load, policy)
+        static = _within(static_route(shape, load, policy), paths)
         return RouteDecision(static.path, f"{static.reason} (static rule: nothing measured yet)")
-    return static_route(shape, load, policy)
+    return _within(static_route(shape, load, policy), paths)
+
+
+def _within(decision: RouteDecision, paths: tuple[Path, ...]) -> RouteDecision:
+    """A static rule's route, or the nearest eligible one: verify -> diffusion -> ar."""
+    if decision.path in paths:
+        return decision
+    path: Path = "diffusion" if decision.path == "verify" and "diffusion" in paths else "ar"
+    return RouteDecision(path, f"{decision.reason}; {decision.path} cannot serve it here")
 
 
 def static_route(shape: RequestShape, load: Load, policy: RouterPolicy) -> RouteDecision:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Sequence
 
+from models.temperature import is_greedy
+
 from . import telemetry
 from .errors import BadRequest
 from .interfaces import Job, Stats, TextChunk, TextResult
@@ -53,9 +55,7 @@ class RoundSpeculation:
 
     async def _run(self, job: Job, on_tokens=None):
         from models.speculative import speculate_rounds
-        from models.verifier import MIN_TEMPERATURE
-
-        if job.temperature >= MIN_TEMPERATURE:
+        if not is_greedy(job.temperature):
             raise BadRequest("the verify route is greedy only when drafter and verifier run apart: send "
                              "temperature 0 or use another route", param="temperature")
         prompt = encode_job(self.tokenizer, job)

@@ -55,6 +55,7 @@ class TransformersDrafter:
         self.tokenizer = drafter.tokenizer
         self.speculative = speculative
         self.rounds = rounds
+        self.sampled_verify = rounds is None and speculative is not None
         self.grammar = grammar  # canvas-aware drafting for constrained jobs when set
 
     def _hook(self, job: Job):

@@ -93,7 +93,9 @@ def _ignored(job: Job) -> bool | None:
 class VLLMDrafter:
     """``DraftService`` over a :class:`models.vllm_backend.VLLMDiffusion`; ``verifier`` (a
     :class:`models.speculative.RoundVerifier`: a co-located :class:`models.vllm_backend.VLLMCausal`
-    or the Verifier deployment over a handle) serves the verify route."""
+    or the Verifier deployment over a handle) serves the verify route, greedy only."""
+
+    sampled_verify = False
 
     def __init__(self, engine, tokenizer, verifier=None, verify_width: int | None = None,
                  verify_steps: int | None = None):

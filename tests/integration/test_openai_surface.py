@@ -6,6 +6,7 @@ import requests
 from jsonschema.validators import validator_for
 
 from models import tasks
+from tests.apps import measured_route
 
 MODEL = "dgserve-tiny"
 JSON_EX = [e for e in tasks.examples("eval", 31, 40, kind="json")][:3]
@@ -31,13 +32,16 @@ def test_json_schema_chat_returns_a_validating_instance(client, ex):
     assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 0
 
 
-def test_plain_chat_goes_to_the_drafter(client):
+def test_plain_chat_is_routed_by_measurement(client):
+    """The app calibrates every path at start-up, so a plain chat is routed by prediction: the
+    path it takes is the one predicted soonest, among paths whose agreement with AR holds."""
     raw = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": PROSE_EX.instruction}], max_tokens=64)
     resp = raw.parse()
     assert resp.choices[0].message.content.strip()
     assert resp.choices[0].finish_reason in ("stop", "length")
-    assert raw.headers["x-route"].startswith("diffusion")
+    path, predicted = measured_route(raw.headers["x-route"])
+    assert predicted and resp.model_dump()["route"]["path"] == path
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
