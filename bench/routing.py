@@ -98,7 +98,10 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def replay(items: list[dict], levels: list[int], profile: dict[str, PathEstimate] = GPU_LIKE) -> list[dict]:
+REPLAY_LEVELS = (1, 4, 8, 16)
+
+
+def replay(items: list[dict], levels=REPLAY_LEVELS, profile: dict[str, PathEstimate] = GPU_LIKE) -> list[dict]:
     """The policy's choices for these requests' shapes on a cost profile, ``c - 1`` others in flight."""
     policy = RouterPolicy()
     out = []
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     for v in verdicts:
         print(f"c={v['concurrency']}: auto mean {v['mean_ratio']}x best fixed (ok: {v['mean_ok']}), exact "
               f"{v['exact_gap']:+} (ok: {v['exact_ok']}), req/s {v['rps_ratio']}x (ok: {v['rps_ok']})", file=sys.stderr)
-    replayed = replay(items, levels)
+    replayed = replay(items)
     for r in replayed:
         print(f"replay gpu-like c={r['concurrency']}: {r['mix']}", file=sys.stderr)
     out = {"results": rows, "targets": verdicts, "replay": replayed,

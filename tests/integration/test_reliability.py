@@ -38,7 +38,9 @@ def guarded(app_url, tmp_path_factory):
                     "verify_with": "verifier"},
         "verifier": {"source": "causal", "checkpoint": str(ar_dir), "device": "cpu", "dtype": "float32",
                      "replica": {**small, "max_ongoing_requests": 8, "max_queued_requests": 8}},
-        "router": {"drafter_cooldown_s": 3},
+        # the static rules send structured and prose requests to the drafter, so that a Drafter replica
+        # killed mid-load has requests in it (the measured router sends them to AR on this CPU)
+        "router": {"drafter_cooldown_s": 3, "policy": "static"},
         "limits": {"max_tokens": 64, "default_max_tokens": 32, "request_timeout_s": DEADLINE_S, "max_in_flight": 16},
         "auth": {"api_key_env": "DGSERVE_TEST_API_KEY"},
         "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 24, "max_queued_requests": 24},

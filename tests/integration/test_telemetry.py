@@ -192,6 +192,8 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
          "messages": [{"role": "user", "content": "Describe Bern in a few words."}]},
         {"max_tokens": 96, "route": "diffusion", "messages": [{"role": "user", "content": "Solve " + PUZZLE}],
          "response_format": {"type": "sudoku", "sudoku": {"puzzle": PUZZLE}}},
+        # routed by the router (auto): its predictions per path become gauges
+        {"max_tokens": 32, "messages": [{"role": "user", "content": "Describe Rome in a few words."}]},
     ]
     # The cluster is shared with the other integration tests (some kill replicas, whose series Ray then
     # reports inconsistently), so the histogram means below are taken over this test's requests:
@@ -199,12 +201,13 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
     before = requests.get(metrics_url, timeout=5).text
     statuses = [requests.post(app_url + "/v1/chat/completions", json={"model": MODEL, **b}, timeout=120).status_code
                 for b in bodies]
-    assert statuses == [200, 200, 200, 422]
+    assert statuses == [200, 200, 200, 422, 200]
     wanted = {"dgserve_requests_total", "dgserve_request_duration_seconds_bucket", "dgserve_structured_requests_total",
               "dgserve_draft_validations_total", "dgserve_repairs_total", "dgserve_structured_fallbacks_total",
               "dgserve_denoising_steps_per_canvas_bucket", "dgserve_tokens_per_forward_bucket",
               "dgserve_accepted_draft_length_bucket", "dgserve_time_to_first_chunk_seconds_bucket",
-              "dgserve_verify_drafts_per_request_bucket", "dgserve_verifier_forwards_per_token_bucket"}
+              "dgserve_verify_drafts_per_request_bucket", "dgserve_verifier_forwards_per_token_bucket",
+              "dgserve_route_predicted_seconds", "dgserve_route_agreement"}
     # histograms and the plausible range of their means
     bounds = [("dgserve_denoising_steps_per_canvas", 1, 64), ("dgserve_tokens_per_forward", 0.01, 64),
               ("dgserve_accepted_draft_length", 1, 64), ("dgserve_time_to_first_chunk_seconds", 0, 60),
@@ -232,6 +235,12 @@ def test_metrics_endpoint_reports_every_pipeline_metric(app_url, metrics_url):
     assert total("dgserve_draft_validations_total", result="invalid") >= 1
     assert total("dgserve_repairs_total") >= 1 and total("dgserve_structured_fallbacks_total") >= 1
     assert total("dgserve_structured_requests_total") >= total("dgserve_draft_validations_total")
+    # the router's estimates for the prose shape: every path predicted, AR the agreement reference
+    predicted = {lab["path"]: v for lab, v in _samples(text, "dgserve_route_predicted_seconds")
+                 if lab.get("shape") == "prose/whole/<=64"}
+    assert set(predicted) == {"ar", "diffusion", "verify"} and all(0 < v < 60 for v in predicted.values()), predicted
+    assert {lab["path"]: v for lab, v in _samples(text, "dgserve_route_agreement")
+            if lab.get("shape") == "prose/whole/<=64"}.get("ar") == 1.0
     # histograms: counts positive, means plausible
     for name, lo, hi in bounds:
         count = total(name + "_count") - total(name + "_count", before)

@@ -1,5 +1,6 @@
 import pytest
 
+from bench.routing import GPU_LIKE, mixed, replay
 from pipeline.route_estimates import PathEstimate, RouteEstimates, ShapeKey
 from pipeline.router import Load, RequestShape, RouterPolicy, choose_route, eligible_paths
 
@@ -62,13 +63,7 @@ MEASURED = RouterPolicy()
 CPU_LIKE = {"ar": PathEstimate(0.14, 0.045, 0.02), "diffusion": PathEstimate(0.30, 0.15, 0.30),
             "verify": PathEstimate(0.50, 0.25, 0.12)}
 
-# The published H100 figures (transformers' DiffusionGemma model card, FIELD-NOTES): 1,282 tok/s
-# per request for the drafter vs 205 for AR, first token 489 vs 53 ms, the drafter served at
-# --max-num-seqs 4. A 256-token answer: drafter one canvas ~0.49 s; AR 0.053 + 256 / 205 ~1.30 s.
-# Beyond 4 in flight the drafter queues in waves of 4 (~0.49 / 4 s per request in flight); AR
-# batches (~1% per request in flight). Crossover: 0.49 + 0.1225 n = 1.30 + 0.013 n -> n ~7.4.
-GPU_LIKE = {"ar": PathEstimate(1.30, 0.013, 0.053), "diffusion": PathEstimate(0.49, 0.1225, 0.489),
-            "verify": PathEstimate(0.75, 0.10, 0.30)}
+# The published H100 figures: bench/routing.py says where each number comes from.
 
 
 def measured(estimates, structured=False, stream=False, in_flight=0, policy=MEASURED):
@@ -169,3 +164,11 @@ def test_a_greedy_only_verify_route_is_not_chosen_for_sampled_requests():
     # a route the client names is honoured (the verify route answers a sampled request with a 400)
     named = RequestShape(False, False, 0.7, requested="verify")
     assert choose_route(named, Load(0), MEASURED, fast_verify, apart).path == "verify"
+
+
+def test_the_benchmarks_replay_turns_to_ar_beyond_the_crossover():
+    items = mixed(10)  # 4 structured, 4 prose, 2 streamed prose
+    mixes = {r["concurrency"]: r["mix"] for r in replay(items, (1, 8, 16))}
+    assert mixes[1] == {"structured->diffusion": 4, "prose->diffusion": 4, "stream->ar": 2}
+    assert mixes[8] == mixes[1]  # 7 others in flight: still under the crossover (~7.4)
+    assert mixes[16] == {"structured->ar": 4, "prose->ar": 4, "stream->ar": 2}
