@@ -5,7 +5,8 @@
 request per schema with ``response_format: json_schema`` and prints:
 
 * ``n``; ``valid``: answers that validate with jsonschema (checked here, independently);
-* ``rejected``: clear 4xx answers with a reason (schema refused, no valid answer within budget);
+* ``rejected``: clear 4xx answers with a reason (schema refused, no valid answer within budget),
+  and ``rejections``: their count per cause (``pipeline/rejections.py``);
 * ``invalid_success``: answers marked successful that fail validation (must be 0);
 * ``coverage`` = valid / n; ``median_latency_s``; ``repair_used``/``fallback_used`` counts and the
   routes taken.
@@ -24,6 +25,7 @@ from pathlib import Path
 from jsonschema.validators import validator_for
 
 from bench.workload import SCHEMA_PROMPT as PROMPT  # noqa: E402
+from pipeline.rejections import cause_of_refusal
 
 
 def request(schema: dict, max_tokens: int) -> dict:
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
             counts["valid" if ok else "invalid_success"] += 1
         elif 400 <= status < 500:
             counts["rejected"] += 1
-            reasons[body["error"]["message"][:60]] += 1
+            reasons[cause_of_refusal(status, body["error"]["message"]).value] += 1
         else:
             counts["server_error"] += 1
     n = len(rows)
@@ -108,7 +110,7 @@ def main(argv=None) -> None:
         "coverage": round(counts["valid"] / max(1, n), 4),
         "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,
         "repair_used": counts["repair_used"], "fallback_used": counts["fallback_used"],
-        "routes": dict(routes), "top_rejections": dict(reasons.most_common(5)),
+        "routes": dict(routes), "rejections": dict(reasons.most_common()),
     }
     print(json.dumps(result) if a.json else json.dumps(result, indent=2))
 

@@ -85,6 +85,7 @@ class Stats:
     repair_used: bool | None = None
     fallback_used: bool | None = None
     validated: bool | None = None
+    rejection_cause: str | None = None  # why no valid answer was produced (pipeline/rejections.py)
 
     def update(self, other: "Stats") -> None:
         """Take every field ``other`` reports."""
@@ -136,6 +137,9 @@ class Verdict:
     errors: tuple[str, ...] = ()  # human-readable, each naming where it points
     paths: tuple[str, ...] = ()  # JSON path of each error ("$.address.city"), where it has one
     spans: tuple[tuple[int, int], ...] = ()  # character span [start, end) of the answer per error
+    # the schema keywords the errors failed ("required", "oneOf", ...), "$ref" where one was reached
+    # through a reference, "json" for an answer that is not JSON (pipeline/rejections.py reads them)
+    keywords: tuple[str, ...] = ()
 
 
 class DraftService(Protocol):

@@ -35,6 +35,7 @@ from .interfaces import (
     TextResult,
     ValidationService,
 )
+from .rejections import classify
 from .route_estimates import PATHS, RouteEstimates, ShapeKey
 from .router import (
     Load,
@@ -293,7 +294,9 @@ class Pipeline:
             verdict = await self._validate(job, result.text)
             errors += verdict.errors
         if not verdict.ok:
-            raise OutputInvalid("no answer satisfying the response_format was produced: "
+            cause = classify(bool(result.stats.constrained), result.finished, verdict.keywords)
+            stats.rejection_cause = cause.value
+            raise OutputInvalid(f"no answer satisfying the response_format was produced (cause: {cause.value}): "
                                 + "; ".join(errors[:4]), code="validation_failed")
         stats.validated = True
         return result

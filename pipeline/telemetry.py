@@ -248,6 +248,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("dgserve_repairs", "counter", "Structured answers repaired by constrained AR", ()),
     MetricSpec("dgserve_structured_fallbacks", "counter",
                "Structured answers replaced by a from-scratch constrained AR answer", ()),
+    MetricSpec("dgserve_structured_rejections", "counter",
+               "Structured requests answered 422: no valid answer, by cause (pipeline/rejections.py)", ("cause",)),
     MetricSpec("dgserve_denoising_steps_per_canvas", "histogram", "Decoder forwards per committed canvas",
                (), (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)),
     MetricSpec("dgserve_tokens_per_forward", "histogram", "Draft tokens per decoder forward, per request",
@@ -310,6 +312,8 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
         ev.append(("dgserve_repairs", 1, {}))
     if st.fallback_used:
         ev.append(("dgserve_structured_fallbacks", 1, {}))
+    if st.rejection_cause is not None:
+        ev.append(("dgserve_structured_rejections", 1, {"cause": st.rejection_cause}))
     for steps in st.canvas_steps or ():
         ev.append(("dgserve_denoising_steps_per_canvas", steps, {}))
     if st.tokens_per_forward is not None:

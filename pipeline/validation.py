@@ -302,6 +302,20 @@ def check_refs(schema: Any, max_evaluations: int = 10_000) -> None:
                 stack.append((child, iter(edges[child])))
 
 
+def _through_ref(schema: Any, schema_path) -> bool:
+    """Whether a validation error's schema path (jsonschema leaves ``$ref`` out of it) passes
+    through a ``$ref``: a step the schema node does not have, where the node is a reference."""
+    node = schema
+    for key in schema_path:
+        if isinstance(node, dict) and key not in node:
+            return "$ref" in node
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return False
+
+
 class JsonSchemaValidator:
     """JSON Schema, draft picked from ``$schema``; errors carry their JSON path and the span of the
     answer they point at. Size and nesting caps keep one hostile schema from stalling a replica."""
@@ -343,15 +357,17 @@ class JsonSchemaValidator:
         try:
             instance = json.loads(text)
         except ValueError as e:
-            return Verdict(False, (f"not JSON: {e}",))
+            return Verdict(False, (f"not JSON: {e}",), keywords=("json",))
         errors = sorted(compiled_schema(spec).iter_errors(instance), key=lambda e: [str(p) for p in e.path])[:10]
         if not errors:
             return Verdict(True)
         spans = value_spans(text)
         where = [spans.get(tuple(e.path), (0, len(text))) for e in errors]
+        keywords = tuple(dict.fromkeys([str(e.validator) for e in errors]
+                                       + ["$ref" for e in errors if _through_ref(spec, e.absolute_schema_path)]))
         return Verdict(False,
                        tuple(f"{_json_path(e.path)} (chars {a}-{b}): {e.message}" for e, (a, b) in zip(errors, where)),
-                       tuple(_json_path(e.path) for e in errors), tuple(where))
+                       tuple(_json_path(e.path) for e in errors), tuple(where), keywords)
 
 
 class JsonObjectValidator:

@@ -12,7 +12,7 @@ from models import tasks
 from pipeline.assemble import transformers_roles
 from pipeline.errors import OutputInvalid
 from pipeline.health import DrafterHealth
-from pipeline.interfaces import Constraint, Job, TextResult
+from pipeline.interfaces import Constraint, Job, Stats, TextResult
 from pipeline.orchestrator import Pipeline, StructuredPolicy
 from pipeline.router import RequestShape, RouteDecision, RouterPolicy
 from pipeline.streaming import StopScanner, cut_at_stop
@@ -81,6 +81,29 @@ def test_unsatisfiable_output_is_422_never_a_success(backends):
     with pytest.raises(OutputInvalid) as e:
         run(pipe.run(job, RouteDecision("diffusion", "test")))
     assert e.value.status == 422 and "board" in e.value.message
+    assert "(cause: grammar_unsupported)" in e.value.message  # no grammar for Sudoku: decoded free
+
+
+def _rejection(backends, schema, max_tokens) -> tuple[str, Stats]:
+    pipe = Pipeline(*backends)
+    job = Job(messages=(("user", "Answer as JSON."),), prompt=None, max_tokens=max_tokens, temperature=0.0,
+              constraint=Constraint("json_schema", schema))
+    stats = Stats()
+    with pytest.raises(OutputInvalid) as e:
+        run(pipe.run(job, RouteDecision("diffusion", "test"), stats=stats))
+    return e.value.message, stats
+
+
+def test_a_rejection_names_its_cause(backends):
+    # 12 tokens cannot hold a 60-character string: the constrained answer is cut at the budget
+    long = {"type": "object", "properties": {"a": {"type": "string", "minLength": 60}}, "required": ["a"]}
+    message, stats = _rejection(backends, long, 12)
+    assert "(cause: budget_exhausted)" in message and stats.rejection_cause == "budget_exhausted"
+    assert stats.repair_used and stats.fallback_used  # repair and fallback were tried first
+    # only "a" is allowed and two unique items are required: the grammar cannot say "unique"
+    unique = {"type": "array", "items": {"enum": ["a"]}, "minItems": 2, "uniqueItems": True}
+    message, stats = _rejection(backends, unique, 32)
+    assert "(cause: validator_only_keyword)" in message and stats.rejection_cause == "validator_only_keyword"
 
 
 def test_failing_drafter_is_served_by_ar_and_leaves_rotation(backends):
