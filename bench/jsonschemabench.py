@@ -34,18 +34,19 @@ def request(schema: dict, max_tokens: int) -> dict:
             "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
 
 
-def in_process_sender(threads: int = 2):
+def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None):
     import torch
 
     from models.drafter import DiffusionDrafter
     from models.verifier import ARVerifier
-    from pipeline.assemble import local_pipeline
+    from pipeline.assemble import Wiring, local_pipeline
     from pipeline.gateway import Gateway
 
     torch.set_num_threads(threads)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    gw = Gateway(local_pipeline(drafter, ar), "dgserve-tiny")
+    wiring = Wiring() if engines is None else Wiring(grammar_engines=engines)
+    gw = Gateway(local_pipeline(drafter, ar, wiring), "dgserve-tiny")
     loop = asyncio.new_event_loop()
 
     def send(body: dict) -> tuple[int, dict]:
@@ -74,11 +75,14 @@ def main(argv=None) -> None:
     p.add_argument("--url", default=None)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default=None, help="grammar engines in order, e.g. xgrammar or "
+                   "xgrammar,llguidance (default: the app's); in-process only")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
     rows = rows[: a.limit] if a.limit else rows
-    send = http_sender(a.url) if a.url else in_process_sender(a.threads)
+    engines = tuple(a.engines.split(",")) if a.engines else None
+    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines)
     counts = collections.Counter()
     latencies: list[float] = []
     reasons = collections.Counter()
@@ -105,7 +109,7 @@ def main(argv=None) -> None:
             counts["server_error"] += 1
     n = len(rows)
     result = {
-        "set": a.set.name, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
+        "set": a.set.name, "engines": a.engines or "default", "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
         "invalid_success": counts["invalid_success"], "server_error": counts["server_error"],
         "coverage": round(counts["valid"] / max(1, n), 4),
         "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.constraints import GrammarEngineName
 from models.vllm_settings import VLLMSettings
 from pipeline.assemble import Wiring
 from pipeline.gateway import Limits
@@ -77,7 +78,8 @@ class ModelArgs(_Strict):
     def wiring(self, structured: "StructuredArgs"):
         """The role choices for ``pipeline.assemble``."""
         return Wiring(canvas_guidance=structured.canvas_guidance,
-                      grammar_compile_timeout_s=structured.grammar_compile_timeout_s)
+                      grammar_compile_timeout_s=structured.grammar_compile_timeout_s,
+                      grammar_engines=tuple(structured.grammar_engines))
 
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle for ``models.vllm_backend``."""
@@ -196,6 +198,8 @@ class StructuredArgs(_Strict):
     canvas_guidance: bool = True  # grammar pins and masks inside the denoising loop
     on_repair_failure: Literal["fallback", "error"] = _STRUCTURED.on_repair_failure
     grammar_compile_timeout_s: float = Field(default=2.0, gt=0)
+    # grammar backends, in order: a schema the first refuses is decoded under the next's grammar
+    grammar_engines: list[GrammarEngineName] = Field(default=list(_WIRING.grammar_engines), min_length=1)
 
     def policy(self) -> StructuredPolicy:
         return StructuredPolicy(self.on_repair_failure)

@@ -6,6 +6,7 @@ client sends, the validators' registry and the grammar engines all use these mem
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 
 class ConstraintKind(str, Enum):
@@ -18,6 +19,10 @@ class ConstraintKind(str, Enum):
         return self.value
 
 
-# what a grammar engine compiles (xgrammar in the denoising loop and for AR; vLLM's structured
+# what a grammar engine compiles (in the denoising loop and for AR; vLLM's structured
 # outputs); the others are enforced by validation alone
 GRAMMAR_KINDS = frozenset({ConstraintKind.JSON_SCHEMA, ConstraintKind.JSON_OBJECT, ConstraintKind.REGEX})
+
+# the grammar backends (models/grammar_*.py), in the order a constraint is offered to them by default
+GrammarEngineName = Literal["xgrammar", "llguidance"]
+GRAMMAR_ENGINES: tuple[GrammarEngineName, ...] = ("xgrammar", "llguidance")

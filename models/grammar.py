@@ -1,4 +1,5 @@
-"""Grammar-constrained decoding with xgrammar (one of vLLM's structured-output backends).
+"""Grammar-constrained decoding: xgrammar (vLLM's default structured-output engine) and
+llguidance behind one :class:`GrammarEngine`.
 
 * :meth:`GrammarEngine.processor`: a logits processor for AR decoding; its output is valid by
   construction (up to the token budget) for every JSON Schema / regex the engine compiles;
@@ -13,20 +14,19 @@
   step walks again.
 
 JSON is compact (``,`` and ``:`` with no whitespace), as the checkpoint writes it, and free
-strings and arrays are bounded (:func:`tighten_schema`). Compiled
-grammars are cached per constraint (xgrammar's compiler cache, keyed by the schema
-text); a compile that exceeds ``compile_timeout_s`` is refused.
+strings and arrays are bounded (:func:`tighten_schema`). Compiled grammars are cached per
+constraint by each backend; a compile that exceeds ``compile_timeout_s`` is refused.
 """
 
 from __future__ import annotations
 
-import json
 import threading
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
 
 import torch
 
-from .constraints import GRAMMAR_KINDS, ConstraintKind
+from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
@@ -52,7 +52,7 @@ def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any
         out["properties"] = {k: v for k, v in props.items() if v is not False}
     kinds = out.get("type")
     kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
-    if out.get("format") in UNBOUNDED_FORMATS:
+    if isinstance(out.get("format"), str) and out["format"] in UNBOUNDED_FORMATS:
         # xgrammar's grammars for these formats ignore maxLength; jsonschema does not assert
         # formats by default, so the bounded plain string validates the same
         del out["format"]
@@ -79,53 +79,76 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
-class GrammarEngine:
-    def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
-                 compile_timeout_s: float = 2.0, max_digit_run: int = 9):
-        import xgrammar as xgr
+class Matcher(Protocol):
+    """A grammar's state after the tokens it accepted; one per request (or canvas walk)."""
 
-        self.xgr = xgr
+    def accept_token(self, token: int) -> bool:
+        """Advance over ``token``; False (and no change) when the grammar rejects it."""
+        ...
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [vocab] of the tokens the grammar accepts next."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """``<eos>`` was accepted."""
+        ...
+
+    def fork(self) -> "Matcher": ...
+
+    def forced_bytes(self, max_bytes: int) -> bytes:
+        """The bytes the grammar forces next (at most ``max_bytes``); the matcher is not advanced."""
+        ...
+
+
+class GrammarEngine:
+    """Grammars over one vocabulary from one or more backends (``engines``, in order:
+    ``models/grammar_xgrammar.py``, ``models/grammar_llguidance.py``): a constraint is compiled by
+    the first backend that accepts it, so a schema one engine refuses can still be decoded under
+    the other's grammar. A compile past ``compile_timeout_s`` is refused outright."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
+                 compile_timeout_s: float = 2.0, max_digit_run: int = 9, engines: Sequence[str] = GRAMMAR_ENGINES):
+        from .grammar_llguidance import LLGuidanceBackend
+        from .grammar_xgrammar import XGrammarBackend
+
+        if not engines or any(e not in GRAMMAR_ENGINES for e in engines):
+            raise ValueError(f"grammar engines must be a non-empty list of {GRAMMAR_ENGINES}, not {list(engines)}")
+        kinds = {"xgrammar": XGrammarBackend, "llguidance": LLGuidanceBackend}
+        self.backends = [kinds[e](tokenizer, vocab_size, eos_id) for e in engines]
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.compile_timeout_s = compile_timeout_s
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[eos_id])
         pieces = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
         self.digits_only = torch.zeros(vocab_size, dtype=torch.bool)  # tokens made of digits alone
         self.digits_only[: len(pieces)] = torch.tensor([p.isdigit() and p.isascii() for p in pieces])
         self.max_digit_run = max_digit_run
-        # first byte of each token's text (-1: none, e.g. a special token): what forced_text reads
-        special = set(self.info.special_token_ids)
-        first = [v[0] if v and i not in special else -1 for i, v in enumerate(self.info.decoded_vocab)]
-        self.first_byte = torch.full((vocab_size,), -1, dtype=torch.int16)
-        self.first_byte[: len(first)] = torch.tensor(first[:vocab_size], dtype=torch.int16)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
 
     @staticmethod
     def supports(kind: str) -> bool:
         return kind in GRAMMAR_KINDS
 
-    def _compile_now(self, kind: str, spec: Any):
-        if kind == ConstraintKind.JSON_SCHEMA:
-            spec = tighten_schema(spec)
-            return self.compiler.compile_json_schema(json.dumps(spec), any_whitespace=False, strict_mode=True,
-                                                     separators=(",", ":"))
-        if kind == ConstraintKind.JSON_OBJECT:
-            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False,
-                                                     separators=(",", ":"))
-        if kind == ConstraintKind.REGEX:
-            return self.compiler.compile_regex(spec)
-        raise GrammarError(f"no grammar for constraint kind {kind!r}")
+    def _compile_now(self, kind: str, spec: Any) -> "Compiled":
+        refusals = []
+        for backend in self.backends:
+            try:
+                return Compiled(backend, backend.compile(kind, spec))
+            except Exception as e:  # each engine raises its own types on unsupported input
+                refusals.append(f"{backend.name}: {e}")
+        raise GrammarError("; ".join(refusals))
 
-    def compile(self, kind: str, spec: Any):
+    def compile(self, kind: str, spec: Any) -> "Compiled":
         """Compile (cached) or raise :class:`GrammarError` within ``compile_timeout_s``."""
+        if kind not in GRAMMAR_KINDS:
+            raise GrammarError(f"no grammar for constraint kind {kind!r}")
         box: dict[str, Any] = {}
 
         def run() -> None:
             try:
                 box["grammar"] = self._compile_now(kind, spec)
-            except Exception as e:  # xgrammar raises RuntimeError/ValueError on unsupported input
+            except Exception as e:
                 box["error"] = e
 
         worker = threading.Thread(target=run, daemon=True)
@@ -137,38 +160,23 @@ class GrammarEngine:
             raise GrammarError(f"cannot compile a grammar for this {kind}: {box['error']}")
         return box["grammar"]
 
-    def matcher(self, kind: str, spec: Any, prefix: Sequence[int] = ()):
+    def matcher(self, kind: str, spec: Any, prefix: Sequence[int] = ()) -> Matcher:
         """A matcher advanced over ``prefix`` (raises ValueError if the grammar rejects it)."""
-        m = self.xgr.GrammarMatcher(self.compile(kind, spec))
+        m = self.compile(kind, spec).matcher()
         for t in prefix:
             if not m.accept_token(int(t)):
                 raise ValueError("prefix is not accepted by the grammar")
         return m
 
-    def allowed(self, m) -> torch.Tensor:
+    def allowed(self, m: Matcher) -> torch.Tensor:
         """Bool [vocab] of the tokens the matcher accepts next."""
-        bitmask = self.xgr.allocate_token_bitmask(1, self.vocab_size)
-        m.fill_next_token_bitmask(bitmask)
-        return unpack_bitmask(bitmask, self.vocab_size)[0]
+        return m.allowed()
 
-    def forced_text(self, matcher, max_bytes: int) -> str:
+    def forced_text(self, matcher: Matcher, max_bytes: int) -> str:
         """The text the grammar forces next from ``matcher``'s state (it is not advanced), at most
-        ``max_bytes`` long: byte by byte, while every token the grammar allows starts with the same
-        byte and it may not end here. Like xgrammar's ``find_jump_forward_string``, but bounded:
-        that one never returns for a grammar whose forced text is infinite (a schema where every
-        object must hold another). Example: ``{"name": string, "age": int}``, both required ->
-        ``{"name":"``."""
-        m = matcher.fork()
-        out = bytearray()
-        while len(out) < max_bytes and not m.is_terminated():
-            allowed = self.allowed(m)
-            if allowed[self.eos_id]:
-                break
-            firsts = self.first_byte[allowed]
-            lead = int(firsts[0]) if len(firsts) else -1
-            if lead < 0 or bool((firsts != lead).any()) or not m.accept_string(bytes([lead])):
-                break
-            out.append(lead)
+        ``max_bytes`` long, cut before a partial UTF-8 character. Example: ``{"name": string,
+        "age": int}``, both required -> ``{"name":"``."""
+        out = matcher.forced_bytes(max_bytes)
         for end in range(len(out), max(-1, len(out) - 4), -1):  # no partial UTF-8 character at the end
             try:
                 return out[:end].decode("utf-8")
@@ -177,7 +185,7 @@ class GrammarEngine:
         return ""
 
     def longest_prefix(self, kind: str, spec: Any, ids: Sequence[int]) -> int:
-        m = self.xgr.GrammarMatcher(self.compile(kind, spec))
+        m = self.compile(kind, spec).matcher()
         for i, t in enumerate(ids):
             if not m.accept_token(int(t)):
                 return i
@@ -188,6 +196,21 @@ class GrammarEngine:
 
     def canvas_hook(self, kind: str, spec: Any, canvas_length: int) -> "GrammarCanvasHook":
         return GrammarCanvasHook(self, self.compile(kind, spec), canvas_length)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A constraint compiled by one backend; ``matcher()`` starts a fresh matcher over it."""
+
+    backend: Any
+    native: Any
+
+    @property
+    def engine(self) -> str:
+        return self.backend.name
+
+    def matcher(self) -> Matcher:
+        return self.backend.matcher(self.native)
 
 
 class GrammarProcessor:
@@ -231,7 +254,7 @@ class GrammarProcessor:
 class GrammarCanvasHook:
     """Drafter hook enforcing a grammar inside the denoising loop (see module doc)."""
 
-    def __init__(self, engine: GrammarEngine, compiled, canvas_length: int):
+    def __init__(self, engine: GrammarEngine, compiled: Compiled, canvas_length: int):
         self.engine = engine
         self.compiled = compiled
         self.canvas_length = canvas_length
@@ -244,7 +267,7 @@ class GrammarCanvasHook:
         canvas: ``pins`` and ``mask`` each derive it from their own argument, in any order."""
         key = tuple(int(t) for t in committed)
         if self._memo is None or self._memo[0] != key:
-            m = self.engine.xgr.GrammarMatcher(self.compiled)
+            m = self.compiled.matcher()
             ok = all(m.accept_token(t) for t in key)
             self._memo = (key, m if ok else None)
         return self._memo[1]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.constraints import GRAMMAR_ENGINES
+
 from .backends.transformers import TransformersAR, TransformersDrafter
 from .health import DrafterHealth, WorkTracker
 from .interfaces import ARService, DraftService
@@ -31,6 +33,7 @@ class Wiring:
 
     canvas_guidance: bool = True  # grammar pins and masks inside the denoising loop
     grammar_compile_timeout_s: float = 2.0
+    grammar_engines: tuple[str, ...] = GRAMMAR_ENGINES  # tried in order; the first that compiles a constraint decodes it
     verify_draft_steps: int | None = None  # denoising steps per verify-round draft (None: the drafter's)
     verify_draft_width: int | None = None  # canvas tokens sent per round to a verifier elsewhere
     ar_max_num_seqs: int = 8  # AR rows in one running decode batch (models/ar_batch.py)
@@ -43,13 +46,14 @@ class Roles:
     work: WorkTracker = field(default_factory=WorkTracker)  # the model work in flight here
 
 
-def grammar_engine(tokenizer, model, eos_ids, compile_timeout_s: float = 2.0):
-    """The grammar engine for a model's vocabulary (xgrammar; ``models/grammar.py``)."""
+def grammar_engine(tokenizer, model, eos_ids, compile_timeout_s: float = 2.0,
+                   engines: tuple[str, ...] = GRAMMAR_ENGINES):
+    """The grammar engine for a model's vocabulary (``models/grammar.py``: xgrammar, then llguidance)."""
     from models.grammar import GrammarEngine
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.config.get_text_config().vocab_size
-    return GrammarEngine(tokenizer, vocab, sorted(eos_ids)[0], pad, compile_timeout_s)
+    return GrammarEngine(tokenizer, vocab, sorted(eos_ids)[0], pad, compile_timeout_s, engines=engines)
 
 
 def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_verifier=None,
@@ -63,7 +67,7 @@ def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_veri
     work = work or WorkTracker()
     source = verifier if verifier is not None else drafter
     grammar = grammar_engine(source.tokenizer, source.lm.model if verifier is not None else drafter.model,
-                             source.eos_ids, wiring.grammar_compile_timeout_s)
+                             source.eos_ids, wiring.grammar_compile_timeout_s, wiring.grammar_engines)
     guidance = grammar if wiring.canvas_guidance else None
     ar = TransformersAR(verifier, grammar, work=work, max_num_seqs=wiring.ar_max_num_seqs) if verifier is not None else None
     if drafter is None:

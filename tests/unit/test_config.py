@@ -37,6 +37,13 @@ def test_unknown_or_wrong_values_fail_at_deploy_time():
         AppArgs.model_validate({"verifier": {"source": "other"}})
     with pytest.raises(ValidationError):
         AppArgs.model_validate({"limits": {"max_tokens": 0}})
+    with pytest.raises(ValidationError, match="grammar_engines"):
+        AppArgs.model_validate({"structured": {"grammar_engines": ["outlines"]}})
+    with pytest.raises(ValidationError, match="grammar_engines"):
+        AppArgs.model_validate({"structured": {"grammar_engines": []}})
+    one = AppArgs.model_validate({"structured": {"grammar_engines": ["llguidance"]}})
+    assert one.drafter.wiring(one.structured).grammar_engines == ("llguidance",)
+    assert AppArgs().drafter.wiring(AppArgs().structured).grammar_engines == ("xgrammar", "llguidance")
 
 
 def test_vllm_backends_are_checked_at_deploy_time():

@@ -9,10 +9,11 @@ from models.grammar import GrammarEngine, GrammarError
 from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
 
 
-@pytest.fixture(scope="module")
-def engine(dg):
+@pytest.fixture(scope="module", params=["xgrammar", "llguidance"])
+def engine(dg, request):
+    """Each grammar backend alone: every test here holds for both."""
     model, tok = dg
-    return GrammarEngine(tok, model.config.text_config.vocab_size, EOS_ID, PAD_ID)
+    return GrammarEngine(tok, model.config.text_config.vocab_size, EOS_ID, PAD_ID, engines=(request.param,))
 
 
 def forced_text(engine, schema):
@@ -155,3 +156,28 @@ def test_guards_end_runaway_numbers_and_repeats(engine):
     out = proc(prefix + [digit] * 9, logits.clone())
     assert torch.isinf(out[engine.digits_only]).all()  # nine digits: numbers must end
     assert torch.isfinite(out).any()
+
+
+# xgrammar refuses a pattern with a NUL character (a real JSONSchemaBench schema, Github_easy o27354)
+NUL_PATTERN = {"type": "object", "required": ["path"],
+               "properties": {"path": {"type": "string", "pattern": "^/[^\u0000]{1,12}$"}}}
+
+
+def test_a_schema_one_engine_refuses_is_compiled_by_the_other(dg, verifier):
+    model, tok = dg
+    vocab = model.config.text_config.vocab_size
+    with pytest.raises(GrammarError, match="xgrammar"):
+        GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",)).compile("json_schema", NUL_PATTERN)
+    both = GrammarEngine(tok, vocab, EOS_ID, PAD_ID)
+    assert both.compile("json_schema", NUL_PATTERN).engine == "llguidance"
+    assert both.compile("json_schema", {"type": "object"}).engine == "xgrammar"  # the first that accepts
+    prompt = encode_prompt(tok, "Give the path as JSON.")
+    out = verifier.generate([prompt], 48, logits_processors=[both.processor("json_schema", NUL_PATTERN)])[0]
+    assert out.finished, out.text
+    validator_for(NUL_PATTERN)(NUL_PATTERN).validate(json.loads(out.text))
+
+
+def test_unknown_engines_are_refused(dg):
+    model, tok = dg
+    with pytest.raises(ValueError, match="grammar engines"):
+        GrammarEngine(tok, model.config.text_config.vocab_size, EOS_ID, PAD_ID, engines=("outlines",))
