@@ -201,8 +201,11 @@ class StructuredArgs(_Strict):
     # grammar backends, in order: a schema the first refuses is decoded under the next's grammar
     grammar_engines: list[GrammarEngineName] = Field(default=list(_WIRING.grammar_engines), min_length=1)
 
+    # after a failed fallback, answers decoded under a narrower schema or sampled (0: none)
+    max_retries: int = Field(default=_STRUCTURED.max_retries, ge=0, le=8)
+
     def policy(self) -> StructuredPolicy:
-        return StructuredPolicy(self.on_repair_failure)
+        return StructuredPolicy(self.on_repair_failure, self.max_retries)
 
 
 class LimitArgs(_Strict):

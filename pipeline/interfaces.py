@@ -85,6 +85,8 @@ class Stats:
     repair_used: bool | None = None
     fallback_used: bool | None = None
     validated: bool | None = None
+    retries: int | None = None  # answers decoded after the fallback (pipeline/rejections.py:retry_plan)
+    retry_used: str | None = None  # the retry step whose answer validated
     rejection_cause: str | None = None  # why no valid answer was produced (pipeline/rejections.py)
 
     def update(self, other: "Stats") -> None:

@@ -19,6 +19,7 @@ from models.deadline import past
 
 from . import telemetry
 from .errors import (
+    BadRequest,
     DeadlineExceeded,
     OutputInvalid,
     Overloaded,
@@ -28,6 +29,8 @@ from .errors import (
 from .health import DrafterHealth
 from .interfaces import (
     ARService,
+    Constraint,
+    ConstraintKind,
     DraftService,
     Job,
     Stats,
@@ -35,7 +38,7 @@ from .interfaces import (
     TextResult,
     ValidationService,
 )
-from .rejections import classify
+from .rejections import classify, retry_plan
 from .route_estimates import PATHS, RouteEstimates, ShapeKey
 from .router import (
     Load,
@@ -61,6 +64,9 @@ class Outcome:
 class StructuredPolicy:
     # after a failed repair: "fallback" = a from-scratch constrained AR answer, "error" = 422
     on_repair_failure: str = "fallback"
+    # after a failed fallback: at most this many answers decoded under a narrower schema or
+    # sampled (pipeline/rejections.py:retry_plan), each validated against the original
+    max_retries: int = 3
 
 
 class Pipeline:
@@ -295,11 +301,34 @@ class Pipeline:
             errors += verdict.errors
         if not verdict.ok:
             cause = classify(bool(result.stats.constrained), result.finished, verdict.keywords)
+            if self.structured.on_repair_failure == "fallback" and job.constraint.kind == ConstraintKind.JSON_SCHEMA:
+                retried = await self._retry(job, cause, stops, stats)
+                if retried is not None:
+                    stats.validated = True
+                    return retried
             stats.rejection_cause = cause.value
             raise OutputInvalid(f"no answer satisfying the response_format was produced (cause: {cause.value}): "
                                 + "; ".join(errors[:4]), code="validation_failed")
         stats.validated = True
         return result
+
+    async def _retry(self, job: Job, cause, stops: list[str], stats: Stats) -> TextResult | None:
+        """Answer again under each step of the cause's retry plan until one validates against the
+        original constraint; None when none does (or the deadline comes first)."""
+        for label, schema, temperature, seed in retry_plan(cause, job.constraint.spec, self.structured.max_retries):
+            if past(job.deadline):
+                return None
+            narrowed = replace(job, constraint=Constraint(ConstraintKind.JSON_SCHEMA, schema),
+                               temperature=temperature, seed=seed if temperature else job.seed)
+            stats.retries = (stats.retries or 0) + 1
+            try:
+                result = _apply_stops(await self._ar("retry", self.ar.generate, narrowed), stops)
+            except BadRequest:  # the narrowed schema does not compile: the next step may
+                continue
+            if (await self._validate(job, result.text)).ok:
+                stats.retry_used = label
+                return result
+        return None
 
     # -- streaming --------------------------------------------------------------------------
     async def stream(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,

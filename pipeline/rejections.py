@@ -10,7 +10,7 @@ cap) are causes too, named here so that the benchmark counts every refusal in on
 from __future__ import annotations
 
 from enum import Enum
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class RejectionCause(str, Enum):
@@ -67,3 +67,30 @@ def cause_of_refusal(status: int, message: str) -> RejectionCause:
     if status == 400:
         return RejectionCause.SCHEMA_REFUSED
     return RejectionCause.OTHER
+
+
+# A retry decodes the request again under a narrower constraint, or sampled: (label, JSON Schema,
+# temperature, seed). The answer is validated against the original constraint.
+Retry = tuple[str, Any, float, int]
+
+
+def retry_plan(cause: RejectionCause, schema: Any, limit: int) -> list[Retry]:
+    """What to try, in order, for a JSON Schema whose answers failed for ``cause`` (at most
+    ``limit``): cut at the budget -> the minimal schema (short answers); an exclusive ``oneOf`` ->
+    each branch in turn; a keyword the grammar cannot express, a ``$ref`` or another cause -> the
+    minimal schema, then sampled answers (the grammar still holds; a draw may satisfy what it
+    cannot say, e.g. ``uniqueItems``). A free decode (no grammar) is not retried.
+
+    Example: ``one_of`` on ``{"oneOf": [A, B]}`` -> ``[("oneOf branch 1", {"allOf": [A]}, 0.0, 0),
+    ("oneOf branch 2", {"allOf": [B]}, 0.0, 0)]``."""
+    from models.schema_variants import minimal_schema, one_of_branches
+
+    if cause in (RejectionCause.GRAMMAR_UNSUPPORTED, RejectionCause.COMPILE_TIMEOUT, RejectionCause.SCHEMA_REFUSED):
+        return []
+    plan: list[Retry] = []
+    if cause is RejectionCause.ONE_OF:
+        plan += [(f"oneOf branch {i + 1}", s, 0.0, 0) for i, s in enumerate(one_of_branches(schema, limit))]
+    plan.append(("minimal schema", minimal_schema(schema), 0.0, 0))
+    if cause is not RejectionCause.BUDGET:
+        plan += [(f"sampled {k}", schema, 0.8, k) for k in range(1, limit + 1)]
+    return plan[:limit]

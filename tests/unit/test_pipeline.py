@@ -94,16 +94,34 @@ def _rejection(backends, schema, max_tokens) -> tuple[str, Stats]:
     return e.value.message, stats
 
 
+def test_an_answer_cut_at_the_budget_is_retried_under_the_minimal_schema(backends):
+    # 10 tokens: the schema's answer (free strings up to 32 characters, optional keys) runs past them
+    schema = {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string"}, "city": {"type": "string"}, "notes": {"type": "string"}}}
+    job = Job(messages=(("user", "Name a person as JSON."),), prompt=None, max_tokens=10, temperature=0.0, seed=0,
+              constraint=Constraint("json_schema", schema))
+    stats = Stats()
+    out = run(Pipeline(*backends).run(job, RouteDecision("diffusion", "test"), stats=stats))
+    validator_for(schema)(schema).validate(json.loads(out.result.text))
+    assert stats.fallback_used and stats.retries == 1 and stats.retry_used == "minimal schema"
+    assert stats.validated and stats.rejection_cause is None
+    stats = Stats()
+    with pytest.raises(OutputInvalid, match="budget_exhausted"):  # with retries off it is a 422
+        run(Pipeline(*backends, structured=StructuredPolicy("fallback", 0)).run(
+            job, RouteDecision("diffusion", "test"), stats=stats))
+
+
 def test_a_rejection_names_its_cause(backends):
     # 12 tokens cannot hold a 60-character string: the constrained answer is cut at the budget
     long = {"type": "object", "properties": {"a": {"type": "string", "minLength": 60}}, "required": ["a"]}
     message, stats = _rejection(backends, long, 12)
     assert "(cause: budget_exhausted)" in message and stats.rejection_cause == "budget_exhausted"
-    assert stats.repair_used and stats.fallback_used  # repair and fallback were tried first
+    assert stats.repair_used and stats.fallback_used and stats.retries == 1  # and the minimal schema
     # only "a" is allowed and two unique items are required: the grammar cannot say "unique"
     unique = {"type": "array", "items": {"enum": ["a"]}, "minItems": 2, "uniqueItems": True}
     message, stats = _rejection(backends, unique, 32)
     assert "(cause: validator_only_keyword)" in message and stats.rejection_cause == "validator_only_keyword"
+    assert stats.retries == 3  # the minimal schema, then sampled answers: none can be unique
 
 
 def test_failing_drafter_is_served_by_ar_and_leaves_rotation(backends):

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.rejections import RejectionCause, cause_of_refusal, classify
+from pipeline.rejections import RejectionCause, cause_of_refusal, classify, retry_plan
 from pipeline.telemetry import RequestObservation, metric_events
 from pipeline.interfaces import Stats
 from pipeline.validation import JsonSchemaValidator
@@ -42,3 +42,41 @@ def test_a_client_reads_the_cause_back_from_the_error():
 def test_a_rejection_is_counted_by_cause():
     obs = RequestObservation("diffusion", 422, False, True, 0.5, stats=Stats(rejection_cause="one_of"))
     assert ("dgserve_structured_rejections", 1, {"cause": "one_of"}) in metric_events(obs)
+
+
+def test_the_retry_plan_per_cause():
+    one_of = {"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}, {"required": ["c"]}]}
+    plan = retry_plan(C.ONE_OF, one_of, 3)
+    assert [p[0] for p in plan] == ["oneOf branch 1", "oneOf branch 2", "oneOf branch 3"]
+    assert plan[1][1] == {"type": "object", "allOf": [{"required": ["b"]}]} and plan[1][2] == 0.0
+    budget = retry_plan(C.BUDGET, one_of, 3)
+    assert [p[0] for p in budget] == ["minimal schema"]  # a sampled answer is no shorter
+    unique = {"type": "array", "uniqueItems": True}
+    assert [(p[0], p[2], p[3]) for p in retry_plan(C.VALIDATOR_ONLY, unique, 3)] == [
+        ("minimal schema", 0.0, 0), ("sampled 1", 0.8, 1), ("sampled 2", 0.8, 2)]
+    assert retry_plan(C.GRAMMAR_UNSUPPORTED, unique, 3) == [] and retry_plan(C.OTHER, unique, 0) == []
+
+
+def test_variants_admit_only_instances_of_the_original():
+    from hypothesis import given, settings, strategies as st
+    from jsonschema.validators import validator_for
+
+    from models.schema_variants import minimal_schema, one_of_branches
+
+    schema = {"type": "object", "required": ["name", "tags"], "properties": {
+        "name": {"type": "string", "minLength": 2}, "age": {"type": "integer"},
+        "tags": {"type": "array", "minItems": 1, "items": {"type": "string"}}}}
+    small = minimal_schema(schema)
+    assert small["properties"].keys() == {"name", "tags"} and small["additionalProperties"] is False
+    assert small["properties"]["name"]["maxLength"] == 8 and small["properties"]["tags"]["maxItems"] == 1
+    assert one_of_branches(schema) == []
+    original, narrowed = validator_for(schema)(schema), validator_for(small)(small)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.fixed_dictionaries({"name": st.text(max_size=10), "tags": st.lists(st.text(max_size=3), max_size=3)},
+                                 optional={"age": st.integers()}))
+    def check(instance):
+        if narrowed.is_valid(instance):
+            assert original.is_valid(instance)
+
+    check()
