@@ -34,19 +34,21 @@ def request(schema: dict, max_tokens: int) -> dict:
             "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
 
 
-def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None):
+def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, retries: int | None = None):
     import torch
 
     from models.drafter import DiffusionDrafter
     from models.verifier import ARVerifier
     from pipeline.assemble import Wiring, local_pipeline
+    from pipeline.orchestrator import StructuredPolicy
     from pipeline.gateway import Gateway
 
     torch.set_num_threads(threads)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
     wiring = Wiring() if engines is None else Wiring(grammar_engines=engines)
-    gw = Gateway(local_pipeline(drafter, ar, wiring), "dgserve-tiny")
+    structured = StructuredPolicy() if retries is None else StructuredPolicy(max_retries=retries)
+    gw = Gateway(local_pipeline(drafter, ar, wiring, structured=structured), "dgserve-tiny")
     loop = asyncio.new_event_loop()
 
     def send(body: dict) -> tuple[int, dict]:
@@ -77,12 +79,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--engines", default=None, help="grammar engines in order, e.g. xgrammar or "
                    "xgrammar,llguidance (default: the app's); in-process only")
+    p.add_argument("--retries", type=int, default=None, help="structured.max_retries (default: the app's); "
+                   "in-process only")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
     rows = rows[: a.limit] if a.limit else rows
     engines = tuple(a.engines.split(",")) if a.engines else None
-    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines)
+    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines, a.retries)
     counts = collections.Counter()
     latencies: list[float] = []
     reasons = collections.Counter()
@@ -95,7 +99,7 @@ def main(argv=None) -> None:
         if status == 200:
             text = body["choices"][0]["message"]["content"]
             routes[body["route"]["path"]] += 1
-            for k in ("repair_used", "fallback_used"):
+            for k in ("repair_used", "fallback_used", "retry_used"):
                 counts[k] += bool(body.get("stats", {}).get(k))
             try:
                 ok = validator_for(schema)(schema).is_valid(json.loads(text))
@@ -109,11 +113,12 @@ def main(argv=None) -> None:
             counts["server_error"] += 1
     n = len(rows)
     result = {
-        "set": a.set.name, "engines": a.engines or "default", "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
+        "set": a.set.name, "engines": a.engines or "default", "retries": a.retries, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
         "invalid_success": counts["invalid_success"], "server_error": counts["server_error"],
         "coverage": round(counts["valid"] / max(1, n), 4),
         "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,
         "repair_used": counts["repair_used"], "fallback_used": counts["fallback_used"],
+        "retry_used": counts["retry_used"],
         "routes": dict(routes), "rejections": dict(reasons.most_common()),
     }
     print(json.dumps(result) if a.json else json.dumps(result, indent=2))

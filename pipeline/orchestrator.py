@@ -60,6 +60,9 @@ class Outcome:
     stats: Stats = field(default_factory=Stats)
 
 
+RETRY_MARGIN_S = 0.2  # retries end this long before the request's deadline
+
+
 @dataclass(frozen=True)
 class StructuredPolicy:
     # after a failed repair: "fallback" = a from-scratch constrained AR answer, "error" = 422
@@ -315,16 +318,25 @@ class Pipeline:
     async def _retry(self, job: Job, cause, stops: list[str], stats: Stats) -> TextResult | None:
         """Answer again under each step of the cause's retry plan until one validates against the
         original constraint; None when none does (or the deadline comes first)."""
+        # a retry is a second chance, never the reason for a 504: it stops short of the deadline
+        # (the model loop stops there too), and the request is answered 422 with its cause
+        end = None if job.deadline is None else job.deadline - RETRY_MARGIN_S
         for label, schema, temperature, seed in retry_plan(cause, job.constraint.spec, self.structured.max_retries):
-            if past(job.deadline):
+            left = None if end is None else end - time.time()
+            if left is not None and left <= 0:
                 return None
             narrowed = replace(job, constraint=Constraint(ConstraintKind.JSON_SCHEMA, schema),
-                               temperature=temperature, seed=seed if temperature else job.seed)
+                               temperature=temperature, seed=seed if temperature else job.seed, deadline=end)
             stats.retries = (stats.retries or 0) + 1
             try:
-                result = _apply_stops(await self._ar("retry", self.ar.generate, narrowed), stops)
+                result = await asyncio.wait_for(self._ar("retry", self.ar.generate, narrowed), left)
             except BadRequest:  # the narrowed schema does not compile: the next step may
                 continue
+            except (asyncio.TimeoutError, DeadlineExceeded):
+                return None
+            result = _apply_stops(result, stops)
+            if not result.finished and result.stats.expired:  # stopped at the retry's deadline
+                return None
             if (await self._validate(job, result.text)).ok:
                 stats.retry_used = label
                 return result
