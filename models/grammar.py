@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -115,7 +116,10 @@ class GrammarEngine:
         if not engines or any(e not in GRAMMAR_ENGINES for e in engines):
             raise ValueError(f"grammar engines must be a non-empty list of {GRAMMAR_ENGINES}, not {list(engines)}")
         kinds = {"xgrammar": XGrammarBackend, "llguidance": LLGuidanceBackend}
-        self.backends = [kinds[e](tokenizer, vocab_size, eos_id) for e in engines]
+        self.backends: list[Any] = [kinds[engines[0]](tokenizer, vocab_size, eos_id)]
+        # the later engines are built when a constraint first reaches them (most never do)
+        self._later = [partial(kinds[e], tokenizer, vocab_size, eos_id) for e in engines[1:]]
+        self._lock = threading.Lock()
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_id = eos_id
@@ -130,9 +134,16 @@ class GrammarEngine:
     def supports(kind: str) -> bool:
         return kind in GRAMMAR_KINDS
 
+    def _backend(self, i: int):
+        with self._lock:
+            while len(self.backends) <= i:
+                self.backends.append(self._later[len(self.backends) - 1]())
+            return self.backends[i]
+
     def _compile_now(self, kind: str, spec: Any) -> "Compiled":
         refusals = []
-        for backend in self.backends:
+        for i in range(1 + len(self._later)):
+            backend = self._backend(i)
             try:
                 return Compiled(backend, backend.compile(kind, spec))
             except Exception as e:  # each engine raises its own types on unsupported input

@@ -169,7 +169,9 @@ def test_a_schema_one_engine_refuses_is_compiled_by_the_other(dg, verifier):
     with pytest.raises(GrammarError, match="xgrammar"):
         GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",)).compile("json_schema", NUL_PATTERN)
     both = GrammarEngine(tok, vocab, EOS_ID, PAD_ID)
+    assert [b.name for b in both.backends] == ["xgrammar"]  # llguidance is built when first needed
     assert both.compile("json_schema", NUL_PATTERN).engine == "llguidance"
+    assert [b.name for b in both.backends] == ["xgrammar", "llguidance"]
     assert both.compile("json_schema", {"type": "object"}).engine == "xgrammar"  # the first that accepts
     prompt = encode_prompt(tok, "Give the path as JSON.")
     out = verifier.generate([prompt], 48, logits_processors=[both.processor("json_schema", NUL_PATTERN)])[0]
