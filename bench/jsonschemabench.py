@@ -34,7 +34,11 @@ def request(schema: dict, max_tokens: int) -> dict:
             "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}}
 
 
-def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, retries: int | None = None):
+def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, retries: int | None = None,
+                      calibrate: bool = False):
+    """The app's pipeline in this process. ``calibrate``: seed the measured router first, as the
+    ingress does at start-up, so that requests are routed as the app routes them; otherwise the
+    router has nothing measured and its static rules send every structured request to the drafter."""
     import torch
 
     from models.drafter import DiffusionDrafter
@@ -48,8 +52,13 @@ def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, 
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
     wiring = Wiring() if engines is None else Wiring(grammar_engines=engines)
     structured = StructuredPolicy() if retries is None else StructuredPolicy(max_retries=retries)
-    gw = Gateway(local_pipeline(drafter, ar, wiring, structured=structured), "dgserve-tiny")
+    pipe = local_pipeline(drafter, ar, wiring, structured=structured)
+    gw = Gateway(pipe, "dgserve-tiny")
     loop = asyncio.new_event_loop()
+    if calibrate:
+        from pipeline.route_estimates import calibration_jobs
+
+        loop.run_until_complete(pipe.calibrate(calibration_jobs(64), pipe.policy.calibration_requests))
 
     def send(body: dict) -> tuple[int, dict]:
         reply = loop.run_until_complete(gw.chat(json.dumps(body).encode()))
@@ -81,12 +90,14 @@ def main(argv=None) -> None:
                    "xgrammar,llguidance (default: the app's); in-process only")
     p.add_argument("--retries", type=int, default=None, help="structured.max_retries (default: the app's); "
                    "in-process only")
+    p.add_argument("--calibrate", action="store_true", help="route as the app does (calibrate the measured "
+                   "router first); in-process only")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
     rows = rows[: a.limit] if a.limit else rows
     engines = tuple(a.engines.split(",")) if a.engines else None
-    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines, a.retries)
+    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines, a.retries, a.calibrate)
     counts = collections.Counter()
     latencies: list[float] = []
     reasons = collections.Counter()
@@ -113,7 +124,7 @@ def main(argv=None) -> None:
             counts["server_error"] += 1
     n = len(rows)
     result = {
-        "set": a.set.name, "engines": a.engines or "default", "retries": a.retries, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
+        "set": a.set.name, "engines": a.engines or "default", "retries": a.retries, "calibrated": a.calibrate, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
         "invalid_success": counts["invalid_success"], "server_error": counts["server_error"],
         "coverage": round(counts["valid"] / max(1, n), 4),
         "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,
