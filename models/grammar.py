@@ -28,6 +28,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
+from .schema_variants import distribute
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
@@ -39,13 +40,17 @@ def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any
 
     Decoding under the tighter schema keeps a small model from writing one string until the token
     budget runs out; every instance of it is still an instance of the original schema, against
-    which answers are validated.
+    which answers are validated. A ``oneOf``/``anyOf`` beside the node's own keywords is
+    distributed into its branches (:func:`models.schema_variants.distribute`).
     """
     if isinstance(schema, list):
         return [tighten_schema(v, max_string, max_items) for v in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: tighten_schema(v, max_string, max_items) for k, v in schema.items()}
+    whole = distribute(out)
+    if whole is not out:  # a combinator beside the node's own keywords: each branch carries them
+        return {"anyOf": [tighten_schema(b, max_string, max_items) for b in whole["anyOf"]]}
     props = out.get("properties")
     if isinstance(props, dict) and any(v is False for v in props.values()):
         # a property whose schema is `false` must be absent; with no additional properties

@@ -56,20 +56,61 @@ def minimal_schema(schema: Any, max_string: int = 8) -> Any:
 
 def one_of_branches(schema: Any, limit: int = 4) -> list[Any]:
     """Copies of ``schema`` with its first ``oneOf`` (depth first) replaced by each of its first
-    ``limit`` branches in turn: ``{..., "oneOf": [A, B]}`` -> ``[{..., "allOf": [A]}, {..., "allOf": [B]}]``
-    (``allOf`` keeps the node's own keywords beside the branch). ``[]`` when there is no ``oneOf``."""
+    ``limit`` branches in turn, each merged into the node (:func:`merge_branch`), with the node's
+    properties that only the other branches require left out. ``[]`` when there is no ``oneOf``.
+    Example: ``{"properties": {"r": .., "w": ..}, "oneOf": [{"required": ["r"]}, {"required": ["w"]}]}``
+    -> branch 1: ``{"properties": {"r": ..}, "required": ["r"]}``."""
     path = _first_one_of(schema, ())
     if path is None:
         return []
     node = _at(schema, path)
+    branches = node["oneOf"]
+    required = [set(b.get("required", [])) if isinstance(b, dict) else set() for b in branches]
     out = []
-    for branch in node["oneOf"][:limit]:
+    for i, branch in enumerate(branches[:limit]):
         variant = copy.deepcopy(schema)
         target = _at(variant, path)
         del target["oneOf"]
-        target["allOf"] = [*target.get("allOf", []), copy.deepcopy(branch)]
+        target.update(merge_branch(target, branch))
+        # keys only the other branches require are left out of this one's properties: decoded with
+        # no additional properties, the answer then cannot satisfy those branches too
+        others = set().union(*(r for j, r in enumerate(required) if j != i)) - required[i]
+        if others and isinstance(target.get("properties"), dict):
+            target["properties"] = {k: v for k, v in target["properties"].items() if k not in others}
         out.append(variant)
     return out
+
+
+def merge_branch(base: dict, branch: Any) -> dict:
+    """``base`` (a node's own keywords) and one ``anyOf``/``oneOf`` branch as one schema: properties
+    merged, required keys united, the branch's other keywords over the base's. Grammars decode a
+    node with both its own keywords and a combinator unevenly (a branch that names no ``type``
+    lets any value through), so the decoding schema carries each branch whole."""
+    if not isinstance(branch, dict):
+        return dict(base) if branch is True else {"allOf": [base, branch]}
+    out = {**base, **branch}
+    if isinstance(base.get("properties"), dict) and isinstance(branch.get("properties"), dict):
+        out["properties"] = {**base["properties"], **branch["properties"]}
+    if isinstance(base.get("required"), list) and isinstance(branch.get("required"), list):
+        out["required"] = list(dict.fromkeys(base["required"] + branch["required"]))
+    return out
+
+
+# a node's keywords that constrain its value (beside a combinator they need distributing)
+VALUE_KEYWORDS = ("type", "properties", "required", "additionalProperties", "items", "enum", "const")
+
+
+def distribute(node: dict) -> dict:
+    """A node with its own value keywords beside ``oneOf``/``anyOf`` -> ``anyOf`` over the branches
+    merged with them (the decoding form; validation keeps the original). Example: ``{"type":
+    "object", "properties": P, "oneOf": [{"required": ["a"]}, B]}`` -> ``{"anyOf": [{"type":
+    "object", "properties": P, "required": ["a"]}, merge(..., B)]}``."""
+    for key in ("oneOf", "anyOf"):
+        branches = node.get(key)
+        if isinstance(branches, list) and branches and any(k in node for k in VALUE_KEYWORDS):
+            base = {k: v for k, v in node.items() if k != key}
+            return {"anyOf": [merge_branch(base, b) for b in branches]}
+    return node
 
 
 def _first_one_of(node: Any, path: tuple) -> tuple | None:

@@ -48,7 +48,7 @@ def test_the_retry_plan_per_cause():
     one_of = {"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}, {"required": ["c"]}]}
     plan = retry_plan(C.ONE_OF, one_of, 3)
     assert [p[0] for p in plan] == ["oneOf branch 1", "oneOf branch 2", "oneOf branch 3"]
-    assert plan[1][1] == {"type": "object", "allOf": [{"required": ["b"]}]} and plan[1][2] == 0.0
+    assert plan[1][1] == {"type": "object", "required": ["b"]} and plan[1][2] == 0.0
     budget = retry_plan(C.BUDGET, one_of, 3)
     assert [p[0] for p in budget] == ["minimal schema"]  # a sampled answer is no shorter
     unique = {"type": "array", "uniqueItems": True}
@@ -80,3 +80,20 @@ def test_variants_admit_only_instances_of_the_original():
             assert original.is_valid(instance)
 
     check()
+
+
+def test_a_combinator_beside_the_nodes_own_keywords_is_distributed_for_decoding():
+    from models.grammar import tighten_schema
+    from models.schema_variants import one_of_branches
+
+    # Glaiveai2K's shape: the object's keywords beside a oneOf of bare "required" branches; decoded
+    # as it stands, a branch that names no type lets any value through ({"dimensions": 2.2})
+    node = {"type": "object", "properties": {"r": {"type": "number"}, "w": {"type": "number"}},
+            "oneOf": [{"required": ["r"]}, {"required": ["w"]}]}
+    tight = tighten_schema(node)
+    assert [b["required"] for b in tight["anyOf"]] == [["r"], ["w"]]
+    assert all(b["type"] == "object" and set(b["properties"]) == {"r", "w"} for b in tight["anyOf"])
+    first, second = one_of_branches(node)
+    assert first == {"type": "object", "properties": {"r": {"type": "number"}}, "required": ["r"]}
+    assert second["properties"].keys() == {"w"} and second["required"] == ["w"]
+    assert tighten_schema({"anyOf": [{"type": "string"}]}) == {"anyOf": [{"type": "string", "maxLength": 32}]}
