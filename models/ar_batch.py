@@ -33,8 +33,8 @@ import torch
 
 from .deadline import past
 from .loading import left_padded
+from .temperature import is_greedy
 from .verifier import (
-    MIN_TEMPERATURE,
     ARVerifier,
     Generation,
     LogitsProcessor,
@@ -104,7 +104,7 @@ class ARBatcher:
             raise ValueError(f"prompt + max_new_tokens ({len(prompt) + max_new_tokens}) exceeds the batch's "
                              f"{self.max_batch_tokens} tokens")
         gen = None
-        if temperature >= MIN_TEMPERATURE:
+        if not is_greedy(temperature):
             gen = torch.Generator(device=self.lm.device)
             gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         row = _Row(list(prompt), max_new_tokens, temperature, processor, gen, deadline, on_token, Future())

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
-from .schema_variants import distribute
+from .schema_variants import distribute, types
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
@@ -47,17 +47,14 @@ def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any
         return [tighten_schema(v, max_string, max_items) for v in schema]
     if not isinstance(schema, dict):
         return schema
+    schema = distribute(schema)  # a combinator beside the node's own keywords: each branch carries them
     out = {k: tighten_schema(v, max_string, max_items) for k, v in schema.items()}
-    whole = distribute(out)
-    if whole is not out:  # a combinator beside the node's own keywords: each branch carries them
-        return {"anyOf": [tighten_schema(b, max_string, max_items) for b in whole["anyOf"]]}
     props = out.get("properties")
     if isinstance(props, dict) and any(v is False for v in props.values()):
         # a property whose schema is `false` must be absent; with no additional properties
         # allowed during decoding, leaving it out says the same (xgrammar refuses `false`)
         out["properties"] = {k: v for k, v in props.items() if v is not False}
-    kinds = out.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    kinds = types(out)
     if isinstance(out.get("format"), str) and out["format"] in UNBOUNDED_FORMATS:
         # xgrammar's grammars for these formats ignore maxLength; jsonschema does not assert
         # formats by default, so the bounded plain string validates the same

@@ -16,7 +16,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-COMBINATORS = ("anyOf", "oneOf", "allOf")
+def types(node: dict) -> list:
+    """The node's ``type`` as a list (``[]`` when it names none)."""
+    kinds = node.get("type")
+    return [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
 
 
 def minimal_schema(schema: Any, max_string: int = 8) -> Any:
@@ -36,8 +39,7 @@ def minimal_schema(schema: Any, max_string: int = 8) -> Any:
             out[k] = v
         else:
             out[k] = minimal_schema(v, max_string)
-    kinds = out.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else []
+    kinds = types(out)
     props = out.get("properties")
     required = out.get("required")
     if isinstance(props, dict) and isinstance(required, list) and not any(
@@ -50,7 +52,7 @@ def minimal_schema(schema: Any, max_string: int = 8) -> Any:
     if "string" in kinds and free:
         out["maxLength"] = max(int(out.get("minLength", 0)), min(int(out.get("maxLength", max_string)), max_string))
     if "array" in kinds:
-        out["maxItems"] = max(int(out.get("minItems", 0)), 0)
+        out["maxItems"] = int(out.get("minItems", 0))
     return out
 
 

@@ -47,7 +47,8 @@ import torch
 from .acceptance import Verification, greedy_acceptance, sampled_acceptance
 from .deadline import past
 from .drafter import DiffusionDrafter, DraftRow, DraftSettings, PinFirst
-from .verifier import MIN_TEMPERATURE, ARVerifier, DiffusionCausalLM
+from .temperature import is_greedy
+from .verifier import ARVerifier, DiffusionCausalLM
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class SharedCacheSession:
         self.shared, self.settings, self.eos_ids = decoder.shared, decoder.settings, decoder.eos_ids
         self.prompt_len, self.budget, self.seed, self.deadline = len(prompt), max_new_tokens, seed, deadline
         self.temperature = temperature
-        self.sampled = temperature >= MIN_TEMPERATURE
+        self.sampled = not is_greedy(temperature)
         self.gen = torch.Generator().manual_seed(seed) if self.sampled else None
         self.rounds = 0
 

@@ -23,7 +23,7 @@ from .acceptance import greedy_acceptance
 from .architecture import softcapped
 from .deadline import past
 from .loading import eos_ids, left_padded
-from .temperature import MIN_TEMPERATURE
+from .temperature import MIN_TEMPERATURE, is_greedy
 from .transformers_compat import cache_kwarg
 
 # A logits processor sees the tokens generated so far and the next-token logits [vocab].
@@ -36,7 +36,7 @@ def pick_token(row_logits: torch.Tensor, generated: Sequence[int], processor: Lo
     :data:`MIN_TEMPERATURE`) or a draw from ``generator``."""
     if processor is not None:
         row_logits = processor(generated, row_logits)
-    if temperature >= MIN_TEMPERATURE:
+    if not is_greedy(temperature):
         probs = torch.softmax(row_logits.float() / temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=generator))
     return int(row_logits.argmax())

@@ -81,8 +81,9 @@ def retry_plan(cause: RejectionCause, schema: Any, limit: int) -> list[Retry]:
     minimal schema, then sampled answers (the grammar still holds; a draw may satisfy what it
     cannot say, e.g. ``uniqueItems``). A free decode (no grammar) is not retried.
 
-    Example: ``one_of`` on ``{"oneOf": [A, B]}`` -> ``[("oneOf branch 1", {"allOf": [A]}, 0.0, 0),
-    ("oneOf branch 2", {"allOf": [B]}, 0.0, 0)]``."""
+    Example: ``one_of`` on ``{"type": "object", "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}``
+    with ``limit`` 3 -> ``[("oneOf branch 1", {"type": "object", "required": ["a"]}, 0.0, 0), ("oneOf
+    branch 2", {"type": "object", "required": ["b"]}, 0.0, 0), ("minimal schema", ..., 0.0, 0)]``."""
     from models.schema_variants import minimal_schema, one_of_branches
 
     if cause in (RejectionCause.GRAMMAR_UNSUPPORTED, RejectionCause.COMPILE_TIMEOUT, RejectionCause.SCHEMA_REFUSED):
