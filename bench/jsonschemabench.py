@@ -35,7 +35,7 @@ def request(schema: dict, max_tokens: int) -> dict:
 
 
 def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, retries: int | None = None,
-                      calibrate: bool = False):
+                      calibrate: bool = False, jump_forward: bool = True):
     """The app's pipeline in this process. ``calibrate``: seed the measured router first, as the
     ingress does at start-up, so that requests are routed as the app routes them; otherwise the
     router has nothing measured and its static rules send every structured request to the drafter."""
@@ -50,7 +50,8 @@ def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, 
     torch.set_num_threads(threads)
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    wiring = Wiring() if engines is None else Wiring(grammar_engines=engines)
+    wiring = Wiring(jump_forward=jump_forward) if engines is None else Wiring(grammar_engines=engines,
+                                                                               jump_forward=jump_forward)
     structured = StructuredPolicy() if retries is None else StructuredPolicy(max_retries=retries)
     pipe = local_pipeline(drafter, ar, wiring, structured=structured)
     gw = Gateway(pipe, "dgserve-tiny")
@@ -92,21 +93,36 @@ def main(argv=None) -> None:
                    "in-process only")
     p.add_argument("--calibrate", action="store_true", help="route as the app does (calibrate the measured "
                    "router first); in-process only")
+    p.add_argument("--no-jump-forward", action="store_true", help="decode every token with a forward "
+                   "(structured.jump_forward: false); in-process only")
+    p.add_argument("--dump", type=Path, default=None, help="write one JSON line per schema (status, "
+                   "latency, route, cause, stage timings) to this file")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     rows = [json.loads(line) for line in a.set.read_text().splitlines() if line.strip()]
     rows = rows[: a.limit] if a.limit else rows
     engines = tuple(a.engines.split(",")) if a.engines else None
-    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines, a.retries, a.calibrate)
+    send = http_sender(a.url) if a.url else in_process_sender(a.threads, engines, a.retries, a.calibrate,
+                                                                         not a.no_jump_forward)
     counts = collections.Counter()
     latencies: list[float] = []
     reasons = collections.Counter()
     routes = collections.Counter()
-    for row in rows:
+    dump = a.dump.open("w") if a.dump else None
+    for i, row in enumerate(rows):
         schema = row["schema"]
         t0 = time.perf_counter()
         status, body = send(request(schema, a.max_tokens))
         latencies.append(time.perf_counter() - t0)
+        if dump:
+            stats = body.get("stats", {}) if status == 200 else {}
+            dump.write(json.dumps({
+                "i": i, "status": status, "latency_s": round(latencies[-1], 4),
+                "route": body.get("route", {}).get("path") if status == 200 else None,
+                "error": body["error"]["message"][:300] if status != 200 else None,
+                "stats": {k: v for k, v in stats.items() if k.endswith("_s") or k.endswith("_used")
+                          or k in ("retries", "draft_tokens", "repair_reused_tokens", "constrained")},
+                "usage": body.get("usage") if status == 200 else None}) + "\n")
         if status == 200:
             text = body["choices"][0]["message"]["content"]
             routes[body["route"]["path"]] += 1
@@ -122,9 +138,12 @@ def main(argv=None) -> None:
             reasons[cause_of_refusal(status, body["error"]["message"]).value] += 1
         else:
             counts["server_error"] += 1
+    if dump:
+        dump.close()
     n = len(rows)
     result = {
-        "set": a.set.name, "engines": a.engines or "default", "retries": a.retries, "calibrated": a.calibrate, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
+        "set": a.set.name, "engines": a.engines or "default", "retries": a.retries, "calibrated": a.calibrate,
+        "jump_forward": not a.no_jump_forward, "n": n, "valid": counts["valid"], "rejected": counts["rejected"],
         "invalid_success": counts["invalid_success"], "server_error": counts["server_error"],
         "coverage": round(counts["valid"] / max(1, n), 4),
         "median_latency_s": round(statistics.median(latencies), 3) if latencies else None,

@@ -79,7 +79,7 @@ class ModelArgs(_Strict):
         """The role choices for ``pipeline.assemble``."""
         return Wiring(canvas_guidance=structured.canvas_guidance,
                       grammar_compile_timeout_s=structured.grammar_compile_timeout_s,
-                      grammar_engines=tuple(structured.grammar_engines))
+                      grammar_engines=tuple(structured.grammar_engines), jump_forward=structured.jump_forward)
 
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle for ``models.vllm_backend``."""
@@ -200,6 +200,8 @@ class StructuredArgs(_Strict):
     grammar_compile_timeout_s: float = Field(default=2.0, gt=0)
     # grammar backends, in order: a schema the first refuses is decoded under the next's grammar
     grammar_engines: list[GrammarEngineName] = Field(default=list(_WIRING.grammar_engines), min_length=1)
+    # AR decoding appends the text a grammar forces without a model choice, in one forward
+    jump_forward: bool = _WIRING.jump_forward
 
     # after a failed fallback, answers decoded under a narrower schema or sampled (0: none)
     max_retries: int = Field(default=_STRUCTURED.max_retries, ge=0, le=8)

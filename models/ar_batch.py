@@ -6,7 +6,9 @@ deadline and token callback (streaming). One loop thread owns the model:
 
 1. admit waiting rows, at most ``max_num_seqs`` running and ``max_batch_tokens`` tokens of
    context in the batch (prompt + budget of every row);
-2. feed the running rows their last token (one forward); rows that joined are prefilled together,
+2. feed the running rows their new tokens (one forward): the token each picked, and after it
+   the text its grammar forces, if any (jump-forward decoding, padded on the right with masked
+   columns to the longest row's); rows that joined are prefilled together,
    left-padded only to the longest of them, and their KV, padded on the left with masked columns to
    the batch's width, is appended to the running cache. Every row keeps its own token positions
    (0 at its first token, as alone), so the padding a row sits behind changes nothing it computes.
@@ -38,6 +40,8 @@ from .verifier import (
     ARVerifier,
     Generation,
     LogitsProcessor,
+    feed,
+    jump_tokens,
     pick_token,
     row_positions,
 )
@@ -58,6 +62,7 @@ class _Row:
     on_token: Callable[[int], None] | None
     future: Future
     out: list[int] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)  # tokens of ``out`` not yet fed to the model
     start: float = field(default_factory=time.perf_counter)
     first_s: float = 0.0
 
@@ -174,18 +179,17 @@ class ARBatcher:
             try:
                 # a joining row fits when its tokens fit in the batch's width after this step; the
                 # width only grows while the batch runs, so padding past max_padding compacts it
+                step = max((len(r.new) for r in active), default=1)  # columns this step adds
                 lengths = [len(r.prompt) + len(r.out) for r in active + joined]
-                fits = all(len(r.prompt) + len(r.out) <= cur + 1 for r in joined)
-                compact = bool(lengths) and cur + 1 - max(lengths) > self.max_padding
+                fits = all(len(r.prompt) + len(r.out) <= cur + step for r in joined)
+                compact = bool(lengths) and cur + step - max(lengths) > self.max_padding
                 if cache is None or not active or not fits or compact:
                     active = active + joined
                     cache, mask, logits, cur = self._rebuild(active)
-                else:  # feed the running rows their last token, then splice the joining rows in
-                    step_ids = torch.tensor([[r.out[-1]] for r in active], device=dev)
-                    positions = torch.tensor([[len(r.prompt) + len(r.out) - 1] for r in active], device=dev)
-                    mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
-                    logits = self.lm.logits(step_ids, mask, cur, cache, positions)[:, -1]
-                    cur += 1
+                else:  # feed the running rows their new tokens, then splice the joining rows in
+                    logits, mask, cur = feed(self.lm, [r.new for r in active],
+                                             [len(r.prompt) + len(r.out) - len(r.new) for r in active],
+                                             mask, cur, cache, self.verifier.pad_id)
                     spliced = self._splice(cache, logits, mask, joined, cur) if joined else (logits, mask)
                     if spliced is None:  # the layers cannot be joined
                         active = active + joined
@@ -252,9 +256,12 @@ class ARBatcher:
             if not row.out:
                 row.first_s = time.perf_counter() - row.start
             row.out.append(tok)
-            self._tokens += 1
+            row.new = [tok] + jump_tokens(row.processor, row.out, row.budget - len(row.out))
+            row.out.extend(row.new[1:])
+            self._tokens += len(row.new)
             if row.on_token is not None:
-                row.on_token(tok)
+                for t in row.new:
+                    row.on_token(t)
             if len(row.out) >= row.budget:
                 return self._finish(row, finished=False)
             return True

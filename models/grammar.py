@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
-from .schema_variants import distribute, types
+from .schema_variants import bounded_pattern, distribute, types
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
@@ -59,7 +59,11 @@ def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any
         # xgrammar's grammars for these formats ignore maxLength; jsonschema does not assert
         # formats by default, so the bounded plain string validates the same
         del out["format"]
-    free_string = not any(k in out for k in ("enum", "const", "maxLength", "format"))
+    if isinstance(out.get("pattern"), str):
+        # grammars ignore maxLength beside a pattern: the pattern itself is bounded
+        out["pattern"] = bounded_pattern(out["pattern"], int(out.get("minLength", 0)), out.get("maxLength"),
+                                         atom_cap=max_string)
+    free_string = not any(k in out for k in ("enum", "const", "maxLength", "format", "pattern"))
     if "string" in kinds and free_string:
         out["maxLength"] = max(int(out.get("minLength", 0)), max_string)
     if "array" in kinds and "maxItems" not in out:
@@ -111,7 +115,8 @@ class GrammarEngine:
     the other's grammar. A compile past ``compile_timeout_s`` is refused outright."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
-                 compile_timeout_s: float = 2.0, max_digit_run: int = 9, engines: Sequence[str] = GRAMMAR_ENGINES):
+                 compile_timeout_s: float = 2.0, max_digit_run: int = 9, engines: Sequence[str] = GRAMMAR_ENGINES,
+                 jump_forward: bool = True, max_jump_bytes: int = 256):
         from .grammar_llguidance import LLGuidanceBackend
         from .grammar_xgrammar import XGrammarBackend
 
@@ -131,6 +136,13 @@ class GrammarEngine:
         self.digits_only = torch.zeros(vocab_size, dtype=torch.bool)  # tokens made of digits alone
         self.digits_only[: len(pieces)] = torch.tensor([p.isdigit() and p.isascii() for p in pieces])
         self.max_digit_run = max_digit_run
+        # special tokens other than <eos> are never part of an answer: an engine that reads a
+        # special token's text (xgrammar takes "<pad>" for five characters of a string) must not
+        # offer it, since decoding drops it from the text the validator sees
+        self.special = torch.zeros(vocab_size, dtype=torch.bool)
+        self.special[[i for i in getattr(tokenizer, "all_special_ids", []) if i != eos_id and i < vocab_size]] = True
+        self.jump_forward = jump_forward  # AR processors append the text the grammar forces (GrammarProcessor.jump)
+        self.max_jump_bytes = max_jump_bytes
 
     @staticmethod
     def supports(kind: str) -> bool:
@@ -182,8 +194,8 @@ class GrammarEngine:
         return m
 
     def allowed(self, m: Matcher) -> torch.Tensor:
-        """Bool [vocab] of the tokens the matcher accepts next."""
-        return m.allowed()
+        """Bool [vocab] of the tokens the matcher accepts next (special tokens but ``<eos>`` never)."""
+        return m.allowed() & ~self.special
 
     def forced_text(self, matcher: Matcher, max_bytes: int) -> str:
         """The text the grammar forces next from ``matcher``'s state (it is not advanced), at most
@@ -244,7 +256,8 @@ class GrammarProcessor:
         self.digit_run = 0
         self.repeat = 0
 
-    def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+    def _sync(self, generated: Sequence[int]) -> None:
+        """Feed the matcher (and the guards) the tokens generated since the last call."""
         for i in range(self.seen, len(generated)):
             t = int(generated[i])
             self.matcher.accept_token(t)
@@ -253,6 +266,35 @@ class GrammarProcessor:
             self.digit_run = self.digit_run + tail if tail == len(piece) else tail
             self.repeat = self.repeat + 1 if i > 0 and generated[i - 1] == t else 1
         self.seen = len(generated)
+
+    def jump(self, generated: Sequence[int], room: int) -> list[int]:
+        """Jump-forward decoding: the tokens of the text the grammar forces after ``generated``
+        (e.g. ``","name":"`` between two required keys), at most ``room`` of them, which the
+        decoding loop appends without a model choice and feeds in one forward.
+
+        The text is tokenized as the tokenizer writes it, and its last token is left to the
+        model, which may merge it with what follows (``":"`` before a value that starts with
+        punctuation); every token is checked against the grammar. With the engine's
+        ``jump_forward`` off, nothing is forced."""
+        if not self.engine.jump_forward or room <= 0:
+            return []
+        self._sync(generated)
+        if self.matcher.is_terminated():
+            return []
+        text = self.engine.forced_text(self.matcher, self.engine.max_jump_bytes)
+        if not text:
+            return []
+        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"][:-1][:room]
+        probe = self.matcher.fork()
+        out: list[int] = []
+        for t in ids:
+            if not probe.accept_token(int(t)):
+                break
+            out.append(int(t))
+        return out
+
+    def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        self._sync(generated)
         allowed = self.engine.allowed(self.matcher)
         banned = torch.zeros_like(allowed)
         if self.digit_run >= self.engine.max_digit_run:

@@ -14,7 +14,117 @@ valid answer, never an invalid one into a success. Torch-free: the orchestration
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
+
+_COUNTED = re.compile(r"\{(\d+)(?:(,)(\d*))?\}")
+# the whole pattern one atom repeated: ^[class]+$, ^\d{2,}$, ^.*$ (anchors optional)
+_ONE_ATOM = re.compile(r"\^?(\[(?:\\.|[^\]\\])+\]|\\[A-Za-z]|\.)(\+|\*|\{\d+(?:,\d*)?\})\$?")
+
+
+def bounded_pattern(pattern: str, min_length: int = 0, max_length: int | None = None, cap: int = 8,
+                    atom_cap: int = 32) -> str:
+    """A regex for a sublanguage of ``pattern`` whose strings are bounded: every unbounded
+    repetition (``+``, ``*``, ``{n,}``), and every counted one above ``atom_cap`` (``{0,99}``),
+    repeats at most ``max(n, cap)`` times. Grammars ignore a string's ``maxLength`` beside its
+    ``pattern`` (xgrammar), so a small model can write one string until ``max_tokens`` runs out;
+    under the bounded pattern it cannot. A pattern that is one atom repeated (``^[a-z0-9]+$``)
+    takes the schema's ``minLength``/``maxLength`` as its count instead (at most
+    ``max(minLength, atom_cap)`` without a ``maxLength``). With a ``minLength``, alternatives that
+    match only the empty string (``^$|...``) are left out. Escapes and character classes are left
+    as they are; a lazy ``?`` after a rewritten repetition is dropped (same language).
+
+    Example: ``^(\S+\s+){0,99}\S+$`` -> ``^(\S{1,8}\s{1,8}){0,8}\S{1,8}$``; ``^[a-z]+$`` with
+    ``minLength`` 30 and ``maxLength`` 30 -> ``^[a-z]{30,30}$``."""
+    if min_length > 0:  # an alternative that matches only "" cannot serve a non-empty string
+        alternatives = _top_level_alternatives(pattern)
+        kept = [a for a in alternatives if a not in ("", "^", "$", "^$")]
+        if kept and len(kept) < len(alternatives):
+            pattern = "|".join(kept)
+    whole = _ONE_ATOM.fullmatch(pattern)
+    if whole:
+        atom, rep = whole.group(1), whole.group(2)
+        lo, hi = {"+": (1, None), "*": (0, None)}.get(rep, (None, None))
+        if lo is None:
+            m = _COUNTED.fullmatch(rep)
+            lo, hi = int(m.group(1)), (int(m.group(3)) if m.group(3) else None) if m.group(2) else int(m.group(1))
+        lo = max(lo, min_length)
+        top = min(h for h in (hi, max_length) if h is not None) if (hi, max_length) != (None, None) else None
+        top = max(lo, min(top, max(lo, atom_cap)) if top is not None else max(lo, atom_cap))
+        if hi is None or top <= hi:
+            return f"^{atom}{{{lo},{top}}}$"
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i: i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+            out.append(c)
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            out.append(c)
+            if pattern[i + 1: i + 2] == "^":
+                out.append("^")
+                i += 1
+            if pattern[i + 1: i + 2] == "]":  # a leading ] is a literal
+                out.append("]")
+                i += 1
+            i += 1
+            continue
+        rep = None
+        if c in "+*" and out and out[-1] not in ("(", "|"):
+            rep, end = ((1 if c == "+" else 0), None), i + 1
+        elif c == "{":
+            m = _COUNTED.match(pattern, i)
+            if m:
+                lo = int(m.group(1))
+                hi = (int(m.group(3)) if m.group(3) else None) if m.group(2) else lo
+                if hi is not None and hi <= max(lo, atom_cap):  # bounded enough: left as written
+                    out.append(m.group(0))
+                    i = m.end()
+                    continue
+                rep, end = (lo, hi), m.end()
+        if rep is None:
+            out.append(c)
+            i += 1
+            continue
+        lo, hi = rep
+        top = max(lo, cap) if hi is None else min(hi, max(lo, cap))
+        out.append(f"{{{lo},{top}}}")
+        i = end + (pattern[end: end + 1] == "?")  # a lazy repetition: the same language
+    return "".join(out)
+
+
+def _top_level_alternatives(pattern: str) -> list[str]:
+    """``pattern`` split at its ``|`` outside groups, classes and escapes."""
+    parts, start, depth, i, in_class = [], 0, 0, 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            i += 2 if pattern[i + 1: i + 2] == "]" else 1
+            continue
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    return parts + [pattern[start:]]
+
 
 def types(node: dict) -> list:
     """The node's ``type`` as a list (``[]`` when it names none)."""

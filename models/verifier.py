@@ -42,6 +42,38 @@ def pick_token(row_logits: torch.Tensor, generated: Sequence[int], processor: Lo
     return int(row_logits.argmax())
 
 
+def jump_tokens(processor: LogitsProcessor | None, generated: Sequence[int], room: int) -> list[int]:
+    """The tokens a processor forces after ``generated`` (jump-forward decoding; at most ``room``):
+    a grammar's forced text (:meth:`models.grammar.GrammarProcessor.jump`), none for others."""
+    jump = getattr(processor, "jump", None)
+    return jump(generated, room) if jump is not None and room > 0 else []
+
+
+def feed(lm: "CausalLM", rows: Sequence[Sequence[int]], lengths: Sequence[int], mask: torch.Tensor, cur: int,
+         cache, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One forward feeding each row its new tokens (one, or more after a jump-forward) at its own
+    positions (``lengths``: the row's tokens already in ``cache``). Rows with fewer tokens than the
+    longest are padded on the right with masked columns. Returns the logits after each row's last
+    token [batch, vocab], the mask and the batch's width."""
+    dev = mask.device
+    k = max(len(r) for r in rows)
+    if k == 1:
+        ids = torch.tensor([[r[0]] for r in rows], device=dev)
+        positions = torch.tensor([[n] for n in lengths], device=dev)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)], 1)
+        return lm.logits(ids, mask, cur, cache, positions)[:, -1], mask, cur + 1
+    ids = torch.full((len(rows), k), pad_id, dtype=torch.long, device=dev)
+    new = torch.zeros(len(rows), k, dtype=torch.bool, device=dev)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        new[b, : len(r)] = True
+    positions = torch.tensor(list(lengths), device=dev).unsqueeze(1) + torch.arange(k, device=dev)
+    mask = torch.cat([mask, new], 1)
+    logits = lm.logits(ids, mask, cur, cache, positions)
+    last = torch.tensor([len(r) - 1 for r in rows], device=dev)
+    return logits[torch.arange(len(rows), device=dev), last], mask, cur + k
+
+
 def columns(start: int, ids: torch.Tensor) -> torch.Tensor:
     """Positions ``start..start + n`` [1, n], shared by every row of ``ids`` [batch, n]."""
     return torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
@@ -167,44 +199,44 @@ class ARVerifier:
     @torch.inference_mode()
     def _steps(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], temperature: float,
                processors: Sequence[LogitsProcessor | None], seed: int | None,
-               deadline: float | None = None) -> Iterator[tuple[list[int], list[int | None]]]:
-        """Yield, per decoding step, (row indices still running, their next token or None at end).
-        Past ``deadline`` (models/deadline.py) no further step is taken."""
+               deadline: float | None = None) -> Iterator[tuple[list[int], list[list[int] | None]]]:
+        """Yield, per decoding step, (row indices still running, the tokens each added, or None at
+        its end): one token, or more when its processor forces what follows (:func:`jump_tokens`).
+        Every row decodes at its own positions, as alone. Past ``deadline`` (models/deadline.py)
+        no further step is taken."""
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         dev = self.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         ids, mask = left_padded(prompts, self.pad_id, dev)
-        width = ids.shape[1]
         cache = self.lm.new_cache()
-        logits = self.lm.logits(ids, mask, 0, cache)[:, -1]
-        cur = width
+        logits = self.lm.logits(ids, mask, 0, cache, row_positions(mask))[:, -1]
+        cur = ids.shape[1]
         active = list(range(len(prompts)))
         generated: list[list[int]] = [[] for _ in prompts]
         while active and not past(deadline):
-            nxt = [pick_token(logits[b], generated[r], processors[r], temperature, gen) for b, r in enumerate(active)]
-            ended = []
-            for b, (r, tok) in enumerate(zip(active, nxt)):
+            added: list[list[int] | None] = []
+            for b, r in enumerate(active):
+                tok = pick_token(logits[b], generated[r], processors[r], temperature, gen)
                 if tok in self.eos_ids:
-                    ended.append(b)
-                    nxt[b] = None
-                else:
-                    generated[r].append(tok)
-                    if len(generated[r]) >= budgets[r]:
-                        ended.append(b)
-            yield list(active), list(nxt)
-            keep = [b for b in range(len(active)) if b not in ended]
+                    added.append(None)
+                    continue
+                generated[r].append(tok)
+                forced = jump_tokens(processors[r], generated[r], budgets[r] - len(generated[r]))
+                generated[r].extend(forced)
+                added.append([tok] + forced)
+            yield list(active), list(added)
+            keep = [b for b, r in enumerate(active) if added[b] is not None and len(generated[r]) < budgets[r]]
             if not keep:
                 return
-            step_ids = torch.tensor([[t if t is not None else self.pad_id] for t in nxt], device=dev)
-            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.bool, device=dev)], 1)
-            logits = self.lm.logits(step_ids, mask, cur, cache)[:, -1]
-            cur += 1
             if len(keep) < len(active):
                 cache.batch_select_indices(torch.tensor(keep, device=dev))
-                mask, logits = mask[keep], logits[keep]
+                mask = mask[keep]
             active = [active[b] for b in keep]
+            rows = [added[b] for b in keep]
+            lengths = [len(prompts[r]) + len(generated[r]) - len(t) for r, t in zip(active, rows)]
+            logits, mask, cur = feed(self.lm, rows, lengths, mask, cur, cache, self.pad_id)
 
     def stream(self, prompt: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                logits_processor: LogitsProcessor | None = None, seed: int | None = None,
@@ -212,8 +244,7 @@ class ARVerifier:
         """Yield output token ids one by one (``<eos>`` is not yielded)."""
         _check_budget(max_new_tokens)
         for _, toks in self._steps([prompt], [max_new_tokens], temperature, [logits_processor], seed, deadline):
-            if toks[0] is not None:
-                yield toks[0]
+            yield from toks[0] or ()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 256,
                  temperature: float = 0.0, logits_processors: Sequence[LogitsProcessor | None] | None = None,
@@ -231,13 +262,13 @@ class ARVerifier:
         total = [0.0] * len(prompts)
         for rows, toks in self._steps(prompts, budgets, temperature, processors, seed, deadline):
             now = time.perf_counter() - start
-            for r, tok in zip(rows, toks):
+            for r, new in zip(rows, toks):
                 if not out[r] and not finished[r]:
                     first[r] = now
-                if tok is None:
+                if new is None:
                     finished[r] = True
                 else:
-                    out[r].append(tok)
+                    out[r].extend(new)
                 total[r] = now
         expired = past(deadline)
         return [Generation(tuple(o), self.tokenizer.decode(o, skip_special_tokens=True), f, a, t,

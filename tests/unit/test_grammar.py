@@ -183,3 +183,105 @@ def test_unknown_engines_are_refused(dg):
     model, tok = dg
     with pytest.raises(ValueError, match="grammar engines"):
         GrammarEngine(tok, model.config.text_config.vocab_size, EOS_ID, PAD_ID, engines=("outlines",))
+
+
+def _counting(verifier):
+    """The verifier's model with its forwards counted."""
+    calls = []
+    inner = verifier.lm.logits
+
+    def logits(*a, **kw):
+        calls.append(a[0].shape[1])
+        return inner(*a, **kw)
+
+    return calls, logits
+
+
+def test_the_processor_jumps_over_what_the_grammar_forces(engine):
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["name", "age"], "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer"}}}
+    proc = engine.processor("json_schema", schema)
+    forced = proc.jump([], 64)
+    # the forced text is {"name":" ; its last token is left to the model (it may merge with the value)
+    assert forced and '{"name":"'.startswith(tok.decode(forced)) and len(forced) < len(tok('{"name":"')["input_ids"]) + 1
+    assert proc.jump([], 1) == forced[:1]
+    after = tok('{"name":"Ada"', add_special_tokens=False)["input_ids"]
+    assert tok.decode(proc.jump(after, 64)) in (',"age', ',"age":', ',')  # between two required keys
+    engine.jump_forward = False
+    try:
+        assert engine.processor("json_schema", schema).jump([], 64) == []
+    finally:
+        engine.jump_forward = True
+
+
+def test_jump_forward_takes_fewer_forwards_for_the_same_answers(engine, verifier, monkeypatch):
+    exs = list(tasks.examples("eval", 43, 12, kind="json"))
+    outs, forwards = {}, {}
+    for jump in (False, True):
+        engine.jump_forward = jump
+        calls, counted = _counting(verifier)
+        monkeypatch.setattr(verifier.lm, "logits", counted)
+        try:
+            outs[jump] = [verifier.generate([encode_prompt(verifier.tokenizer, ex.instruction)], 200,
+                                            logits_processors=[engine.processor("json_schema", ex.schema)])[0]
+                          for ex in exs]
+        finally:
+            engine.jump_forward = True
+            monkeypatch.undo()
+        forwards[jump] = calls
+    for ex, out in zip(exs, outs[True]):
+        assert out.finished, out.text
+        validator_for(ex.schema)(ex.schema).validate(json.loads(out.text))
+    assert max(forwards[False]) > 1 and max(forwards[True][1:]) > 1  # some steps fed several tokens
+    assert len(forwards[True]) < 0.85 * len(forwards[False])
+    assert sum(a.text == b.text for a, b in zip(outs[True], outs[False])) >= 0.75 * len(exs)
+    # the tokens count as produced: the budget holds them
+    engine.jump_forward = True
+    short = verifier.generate([encode_prompt(verifier.tokenizer, exs[0].instruction)], 5,
+                              logits_processors=[engine.processor("json_schema", exs[0].schema)])[0]
+    assert len(short.token_ids) == 5 and not short.finished
+
+
+# string patterns from JSONSchemaBench's Github_easy: unbounded repetitions a small model never ends
+REAL_PATTERNS = [
+    (r"^$|(^(?:\S+\s+){0,99}\S+$)", 1, 5000),
+    (r"^[^@^\s]+@[^@^\.^\s]+(\.[^@^\.^\s]+)+$", 0, None),
+    (r"^$|^\+?([\d\s()-]){9,20}$", 0, None),
+    (r"^[ !\"#$%&\'()*+,\-./0-9:;<=>?@A-Z\[\\\]\^_`a-z{\|}]+$", 30, 30),
+    (r"^[a-zA-Z0-9_-]*$", 0, 64),
+    (r"^(\([0-9]{3}\))?[0-9]{3}-[0-9]{4}$", 0, None),
+    (r"[]a-c]+x*?", 0, None),
+]
+
+
+@pytest.mark.parametrize("pattern,min_length,max_length", REAL_PATTERNS)
+def test_bounded_patterns_admit_only_bounded_strings_of_the_original(pattern, min_length, max_length):
+    import re
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from models.schema_variants import bounded_pattern
+
+    bounded = bounded_pattern(pattern, min_length, max_length)
+    assert "+" not in re.sub(r"\\.|\[[^\]]*\]", "", bounded).replace("\\", "") and "*" not in re.sub(
+        r"\\.|\[(?:\\.|[^\]])*\]", "", bounded)  # no unbounded repetition left outside classes
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.from_regex(bounded, fullmatch=True))
+    def check(s):
+        assert re.search(pattern, s), (bounded, s)
+        assert len(s) <= 200
+
+    check()
+
+
+def test_a_string_pattern_with_unbounded_repetitions_still_ends(engine, verifier):
+    schema = {"type": "object", "additionalProperties": False, "required": ["question", "answer"], "properties": {
+        "answer": {"maxLength": 5000, "minLength": 1, "pattern": r"^$|(^(?:\S+\s+){0,99}\S+$)", "type": "string"},
+        "question": {"maxLength": 5000, "minLength": 1, "pattern": r"^$|(^(?:\S+\s+){0,99}\S+$)", "type": "string"}}}
+    prompt = encode_prompt(verifier.tokenizer, "Ask a question and answer it, as JSON: " + json.dumps(schema))
+    out = verifier.generate([prompt], 256, logits_processors=[engine.processor("json_schema", schema)])[0]
+    assert out.finished, out.text
+    validator_for(schema)(schema).validate(json.loads(out.text))
