@@ -10,6 +10,11 @@ request per schema with ``response_format: json_schema`` and prints:
 * ``invalid_success``: answers marked successful that fail validation (must be 0);
 * ``coverage`` = valid / n; ``median_latency_s``; ``repair_used``/``fallback_used`` counts and the
   routes taken.
+
+In process, requests are routed as the app routes them: the measured router is calibrated first,
+as the ingress does at start-up (``--no-calibrate``: the static rules, every structured request
+to the drafter). ``--dump FILE`` writes one line per schema (status, latency, route, cause, stage
+timings) for finding where the rejections and the seconds go.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def request(schema: dict, max_tokens: int) -> dict:
 
 
 def in_process_sender(threads: int = 2, engines: tuple[str, ...] | None = None, retries: int | None = None,
-                      calibrate: bool = False, jump_forward: bool = True):
+                      calibrate: bool = True, jump_forward: bool = True):
     """The app's pipeline in this process. ``calibrate``: seed the measured router first, as the
     ingress does at start-up, so that requests are routed as the app routes them; otherwise the
     router has nothing measured and its static rules send every structured request to the drafter."""
@@ -91,8 +96,9 @@ def main(argv=None) -> None:
                    "xgrammar,llguidance (default: the app's); in-process only")
     p.add_argument("--retries", type=int, default=None, help="structured.max_retries (default: the app's); "
                    "in-process only")
-    p.add_argument("--calibrate", action="store_true", help="route as the app does (calibrate the measured "
-                   "router first); in-process only")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="route by the static rules "
+                   "(every structured request to the drafter) instead of as the app does, measured router "
+                   "calibrated first; in-process only")
     p.add_argument("--no-jump-forward", action="store_true", help="decode every token with a forward "
                    "(structured.jump_forward: false); in-process only")
     p.add_argument("--dump", type=Path, default=None, help="write one JSON line per schema (status, "

@@ -7,6 +7,7 @@ takes its defaults from that dataclass, so every default is written once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Literal
 
@@ -67,6 +68,10 @@ class VLLMArgs(_Strict):
     engine_args: dict = Field(default_factory=dict)  # further vLLM AsyncEngineArgs, passed through as is
 
 
+def _expanded(path: str | None) -> str | None:
+    return None if path is None else os.path.expandvars(os.path.expanduser(path))
+
+
 class ModelArgs(_Strict):
     checkpoint: str | None = None  # local dir or hub id; None = the committed tiny checkpoint
     device: str = "auto"
@@ -79,7 +84,8 @@ class ModelArgs(_Strict):
         """The role choices for ``pipeline.assemble``."""
         return Wiring(canvas_guidance=structured.canvas_guidance,
                       grammar_compile_timeout_s=structured.grammar_compile_timeout_s,
-                      grammar_engines=tuple(structured.grammar_engines), jump_forward=structured.jump_forward)
+                      grammar_engines=tuple(structured.grammar_engines), jump_forward=structured.jump_forward,
+                      grammar_cache_dir=_expanded(structured.grammar_cache_dir))
 
     def vllm_settings(self, default_checkpoint: str):
         """The engine bundle for ``models.vllm_backend``."""
@@ -202,6 +208,9 @@ class StructuredArgs(_Strict):
     grammar_engines: list[GrammarEngineName] = Field(default=list(_WIRING.grammar_engines), min_length=1)
     # AR decoding appends the text a grammar forces without a model choice, in one forward
     jump_forward: bool = _WIRING.jump_forward
+    # compiled grammars (xgrammar) kept on disk here, so that a restarted replica loads them
+    # instead of compiling again (~ and $VARS expanded; null: kept in memory only)
+    grammar_cache_dir: str | None = None
 
     # after a failed fallback, answers decoded under a narrower schema or sampled (0: none)
     max_retries: int = Field(default=_STRUCTURED.max_retries, ge=0, le=8)

@@ -28,33 +28,52 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
-from .schema_variants import bounded_pattern, distribute, types
+from .schema_variants import bounded_pattern, distribute, merge_all_of, types
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
 
 
-def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4) -> Any:
+def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4, root: Any = None) -> Any:
     """A copy of ``schema`` whose free strings and arrays are bounded (``maxLength``/``maxItems``
     added where absent, never below ``minLength``/``minItems``).
 
     Decoding under the tighter schema keeps a small model from writing one string until the token
     budget runs out; every instance of it is still an instance of the original schema, against
     which answers are validated. A ``oneOf``/``anyOf`` beside the node's own keywords is
-    distributed into its branches (:func:`models.schema_variants.distribute`).
+    distributed into its branches (:func:`models.schema_variants.distribute`), and an ``allOf``
+    written out as one schema where its branches merge (:func:`models.schema_variants.merge_all_of`).
+    Bounds a grammar would ignore are carried another way: a string's ``pattern`` is itself
+    bounded (:func:`models.schema_variants.bounded_pattern`), and a required key the node does not
+    list is listed (grammars allow no other keys).
     """
+    root = schema if root is None else root
     if isinstance(schema, list):
-        return [tighten_schema(v, max_string, max_items) for v in schema]
+        return [tighten_schema(v, max_string, max_items, root) for v in schema]
     if not isinstance(schema, dict):
         return schema
-    schema = distribute(schema)  # a combinator beside the node's own keywords: each branch carries them
-    out = {k: tighten_schema(v, max_string, max_items) for k, v in schema.items()}
+    # a combinator beside the node's own keywords: each branch carries them; allOf written out
+    schema = merge_all_of(distribute(schema), root)
+    out = {k: tighten_schema(v, max_string, max_items, root) for k, v in schema.items()}
     props = out.get("properties")
     if isinstance(props, dict) and any(v is False for v in props.values()):
         # a property whose schema is `false` must be absent; with no additional properties
         # allowed during decoding, leaving it out says the same (xgrammar refuses `false`)
         out["properties"] = {k: v for k, v in props.items() if v is not False}
     kinds = types(out)
+    required, props = out.get("required"), out.get("properties")
+    if (isinstance(required, list) and (isinstance(props, dict) or "object" in kinds)
+            and out.get("additionalProperties") is not False and not out.get("patternProperties")):
+        # a required key the node does not list: grammars decode with no additional properties,
+        # so it could never be written; it is listed with the node's additionalProperties schema,
+        # or as a short scalar (an instance of any schema `{}`)
+        props = props if isinstance(props, dict) else {}
+        extra = out.get("additionalProperties")
+        extra = extra if isinstance(extra, dict) else {"type": ["string", "number", "boolean", "null"],
+                                                       "maxLength": max_string}
+        missing = {k: extra for k in required if isinstance(k, str) and k not in props}
+        if missing:
+            out["properties"] = {**props, **missing}
     if isinstance(out.get("format"), str) and out["format"] in UNBOUNDED_FORMATS:
         # xgrammar's grammars for these formats ignore maxLength; jsonschema does not assert
         # formats by default, so the bounded plain string validates the same
@@ -116,13 +135,14 @@ class GrammarEngine:
 
     def __init__(self, tokenizer, vocab_size: int, eos_id: int, pad_id: int = 0,
                  compile_timeout_s: float = 2.0, max_digit_run: int = 9, engines: Sequence[str] = GRAMMAR_ENGINES,
-                 jump_forward: bool = True, max_jump_bytes: int = 256):
+                 jump_forward: bool = True, max_jump_bytes: int = 256, cache_dir: str | None = None):
         from .grammar_llguidance import LLGuidanceBackend
         from .grammar_xgrammar import XGrammarBackend
 
         if not engines or any(e not in GRAMMAR_ENGINES for e in engines):
             raise ValueError(f"grammar engines must be a non-empty list of {GRAMMAR_ENGINES}, not {list(engines)}")
-        kinds = {"xgrammar": XGrammarBackend, "llguidance": LLGuidanceBackend}
+        # cache_dir: compiled grammars kept on disk across the process's life (xgrammar's serialise)
+        kinds = {"xgrammar": partial(XGrammarBackend, cache_dir=cache_dir), "llguidance": LLGuidanceBackend}
         self.backends: list[Any] = [kinds[engines[0]](tokenizer, vocab_size, eos_id)]
         # the later engines are built when a constraint first reaches them (most never do)
         self._later = [partial(kinds[e], tokenizer, vocab_size, eos_id) for e in engines[1:]]

@@ -1,9 +1,17 @@
 """The xgrammar backend of :class:`models.grammar.GrammarEngine` (vLLM's default structured-output
-engine): compiled grammars cached by xgrammar's compiler per schema text."""
+engine): compiled grammars cached by xgrammar's compiler per schema text, and, with a
+``cache_dir``, on disk (:class:`GrammarDiskCache`), so that a restarted replica, or another on the
+same node, loads a grammar instead of compiling it again."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+from collections import OrderedDict
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +23,7 @@ from .grammar import GrammarError, tighten_schema, unpack_bitmask
 class XGrammarBackend:
     name = "xgrammar"
 
-    def __init__(self, tokenizer, vocab_size: int, eos_id: int):
+    def __init__(self, tokenizer, vocab_size: int, eos_id: int, cache_dir: str | None = None):
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -28,17 +36,43 @@ class XGrammarBackend:
         self.first_byte = torch.full((vocab_size,), -1, dtype=torch.int16)
         self.first_byte[: len(first)] = torch.tensor(first[:vocab_size], dtype=torch.int16)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
+        self.disk = GrammarDiskCache(Path(cache_dir), _fingerprint(tokenizer, vocab_size, eos_id)) if cache_dir else None
+        self.loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()  # with a disk cache: what this process holds
 
     def compile(self, kind: str, spec: Any):
         if kind == ConstraintKind.JSON_SCHEMA:
-            return self.compiler.compile_json_schema(json.dumps(tighten_schema(spec)), any_whitespace=False,
-                                                     strict_mode=True, separators=(",", ":"))
-        if kind == ConstraintKind.JSON_OBJECT:
-            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False,
-                                                     separators=(",", ":"))
-        if kind == ConstraintKind.REGEX:
-            return self.compiler.compile_regex(spec)
-        raise GrammarError(f"no grammar for constraint kind {kind!r}")
+            source = json.dumps(tighten_schema(spec))  # key order kept: it is the order properties are written in
+            build = lambda: self.compiler.compile_json_schema(source, any_whitespace=False, strict_mode=True,  # noqa: E731
+                                                              separators=(",", ":"))
+        elif kind == ConstraintKind.JSON_OBJECT:
+            source = '{"type": "object"}'
+            build = lambda: self.compiler.compile_json_schema(source, any_whitespace=False, strict_mode=False,  # noqa: E731
+                                                              separators=(",", ":"))
+        elif kind == ConstraintKind.REGEX:
+            source = spec
+            build = lambda: self.compiler.compile_regex(spec)  # noqa: E731
+        else:
+            raise GrammarError(f"no grammar for constraint kind {kind!r}")
+        if self.disk is None:
+            return build()  # xgrammar's compiler caches it in memory
+        key = (kind, source)
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        compiled = None
+        stored = self.disk.load(kind, source)
+        if stored is not None:
+            try:
+                compiled = self.xgr.CompiledGrammar.deserialize_json(stored, self.info)
+            except Exception:  # written by another xgrammar, or damaged: compile again
+                self.disk.drop(kind, source)
+        if compiled is None:
+            compiled = build()
+            self.disk.store(kind, source, compiled.serialize_json())
+        self.loaded[key] = compiled
+        while len(self.loaded) > 256:
+            self.loaded.popitem(last=False)
+        return compiled
 
     def matcher(self, compiled) -> "XGrammarMatcher":
         return XGrammarMatcher(self, self.xgr.GrammarMatcher(compiled))
@@ -83,3 +117,54 @@ class XGrammarMatcher:
                 break
             out.append(lead)
         return bytes(out)
+
+
+def _fingerprint(tokenizer, vocab_size: int, eos_id: int) -> str:
+    """What a compiled grammar depends on besides its constraint: xgrammar's version and the
+    vocabulary it masks."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps([version("xgrammar"), vocab_size, eos_id, vocab], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class GrammarDiskCache:
+    """Compiled grammars as files under ``root/<fingerprint>/``, one per constraint (named by a hash
+    of its kind and text), written atomically, so replicas sharing a node and a replica's next life
+    load them. At most ``max_files`` are kept: past that, the oldest go."""
+
+    def __init__(self, root: Path, fingerprint: str, max_files: int = 4096):
+        self.dir = root / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_files = max_files
+        self.hits = self.stores = 0
+
+    def _path(self, kind: str, source: str) -> Path:
+        return self.dir / (hashlib.sha256(f"{kind}\0{source}".encode()).hexdigest() + ".json")
+
+    def load(self, kind: str, source: str) -> str | None:
+        try:
+            text = self._path(kind, source).read_text()
+        except OSError:
+            return None
+        self.hits += 1
+        return text
+
+    def drop(self, kind: str, source: str) -> None:
+        self._path(kind, source).unlink(missing_ok=True)
+
+    def store(self, kind: str, source: str, text: str) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self._path(kind, source))
+        except OSError:  # a full or read-only disk costs the cache, never the request
+            return
+        self.stores += 1
+        if self.stores % 64 == 0:
+            self.prune()
+
+    def prune(self) -> None:
+        files = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for p in files[: max(0, len(files) - self.max_files)]:
+            p.unlink(missing_ok=True)

@@ -225,6 +225,76 @@ def distribute(node: dict) -> dict:
     return node
 
 
+# keywords two allOf branches may both carry and still merge (the rest must agree or be absent)
+_MERGEABLE = ("properties", "required", "type", "title", "description", "$comment", "examples", "default")
+
+
+def _local_ref(root: Any, ref: str) -> Any:
+    """The node a local JSON pointer (``#/definitions/x``) names in ``root``; None when it names none."""
+    if not ref.startswith("#"):
+        return None
+    node = root
+    for part in filter(None, ref[1:].split("/")):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _holds(node: Any, key: str) -> bool:
+    """Whether any schema object in ``node`` has ``key``."""
+    if isinstance(node, dict):
+        return key in node or any(_holds(v, key) for v in node.values())
+    return isinstance(node, list) and any(_holds(v, key) for v in node)
+
+
+def merge_all_of(node: dict, root: Any) -> dict:
+    """A node whose ``allOf`` branches (a local ``$ref`` resolved one level) merge without conflict
+    -> one schema: properties united (a property in two branches takes both: ``allOf`` of the two),
+    required keys united, types intersected. Grammars decode ``allOf`` poorly (xgrammar lets any
+    value through), so the decoding schema carries the conjunction written out. Left as it is when
+    two branches set another keyword differently, or a branch is not a schema object.
+
+    Example: ``{"allOf": [{"$ref": "#/definitions/pets"}, {"properties": {"horse": S}, "required":
+    ["horse"]}]}`` with pets ``{"type": "object", "properties": {"cat": S}, "required": ["cat"]}``
+    -> ``{"type": "object", "properties": {"cat": S, "horse": S}, "required": ["cat", "horse"]}``."""
+    branches = node.get("allOf")
+    if not isinstance(branches, list) or not branches:
+        return node
+    out = {k: v for k, v in node.items() if k != "allOf"}
+    for branch in branches:
+        if isinstance(branch, dict) and set(branch) == {"$ref"} and isinstance(branch["$ref"], str):
+            branch = _local_ref(root, branch["$ref"])
+            if _holds(branch, "allOf"):  # written out, it could hold this allOf again (a recursive $ref)
+                return node
+        if not isinstance(branch, dict) or "allOf" in branch or "$ref" in branch:
+            return node
+        for k, v in branch.items():
+            if k == "properties" and isinstance(v, dict) and isinstance(out.get(k, {}), dict):
+                props = dict(out.get(k, {}))
+                for name, sub in v.items():
+                    props[name] = sub if name not in props or props[name] == sub else {"allOf": [props[name], sub]}
+                out[k] = props
+            elif k == "required" and isinstance(v, list) and isinstance(out.get(k, []), list):
+                out[k] = list(dict.fromkeys(out.get(k, []) + v))
+            elif k == "type" and k in out:
+                a, b = types(out), types(branch)
+                both = [t for t in a if t in b or (t == "integer" and "number" in b)] + \
+                    [t for t in b if t == "integer" and "number" in a and t not in a]
+                if not both:
+                    return node
+                out[k] = both[0] if len(both) == 1 else both
+            elif k in out and out[k] != v and k not in _MERGEABLE:
+                return node
+            elif k not in out or k not in _MERGEABLE:
+                out[k] = v
+    return out
+
+
 def _first_one_of(node: Any, path: tuple) -> tuple | None:
     if isinstance(node, dict):
         if isinstance(node.get("oneOf"), list) and node["oneOf"]:

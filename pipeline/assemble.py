@@ -38,6 +38,7 @@ class Wiring:
     verify_draft_width: int | None = None  # canvas tokens sent per round to a verifier elsewhere
     ar_max_num_seqs: int = 8  # AR rows in one running decode batch (models/ar_batch.py)
     jump_forward: bool = True  # AR decoding appends the text a grammar forces (GrammarProcessor.jump)
+    grammar_cache_dir: str | None = None  # compiled grammars kept on disk for the replica's next life
 
 
 @dataclass
@@ -48,14 +49,15 @@ class Roles:
 
 
 def grammar_engine(tokenizer, model, eos_ids, compile_timeout_s: float = 2.0,
-                   engines: tuple[str, ...] = GRAMMAR_ENGINES, jump_forward: bool = True):
+                   engines: tuple[str, ...] = GRAMMAR_ENGINES, jump_forward: bool = True,
+                   cache_dir: str | None = None):
     """The grammar engine for a model's vocabulary (``models/grammar.py``: xgrammar, then llguidance)."""
     from models.grammar import GrammarEngine
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = model.config.get_text_config().vocab_size
     return GrammarEngine(tokenizer, vocab, sorted(eos_ids)[0], pad, compile_timeout_s, engines=engines,
-                         jump_forward=jump_forward)
+                         jump_forward=jump_forward, cache_dir=cache_dir)
 
 
 def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_verifier=None,
@@ -70,7 +72,7 @@ def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_veri
     source = verifier if verifier is not None else drafter
     grammar = grammar_engine(source.tokenizer, source.lm.model if verifier is not None else drafter.model,
                              source.eos_ids, wiring.grammar_compile_timeout_s, wiring.grammar_engines,
-                             wiring.jump_forward)
+                             wiring.jump_forward, wiring.grammar_cache_dir)
     guidance = grammar if wiring.canvas_guidance else None
     ar = TransformersAR(verifier, grammar, work=work, max_num_seqs=wiring.ar_max_num_seqs) if verifier is not None else None
     if drafter is None:

@@ -285,3 +285,69 @@ def test_a_string_pattern_with_unbounded_repetitions_still_ends(engine, verifier
     out = verifier.generate([prompt], 256, logits_processors=[engine.processor("json_schema", schema)])[0]
     assert out.finished, out.text
     validator_for(schema)(schema).validate(json.loads(out.text))
+
+
+def test_tighten_schema_writes_out_what_grammars_would_drop():
+    from models.grammar import tighten_schema
+
+    s = {"type": "string"}
+    # allOf over a local $ref (a real Github_easy shape): one schema with both branches' keys
+    schema = {"definitions": {"pets": {"type": "object", "properties": {"cat": s, "dog": s}, "required": ["dog"]}},
+              "properties": {"more": {"allOf": [{"$ref": "#/definitions/pets"},
+                                                {"type": "object", "properties": {"horse": s}, "required": ["horse"]}]}},
+              "required": ["more"]}
+    more = tighten_schema(schema)["properties"]["more"]
+    assert "allOf" not in more and more["type"] == "object" and more["required"] == ["dog", "horse"]
+    assert set(more["properties"]) == {"cat", "dog", "horse"}
+    # branches that disagree, or a $ref that could bring the allOf back, are left as written
+    clash = {"allOf": [{"type": "string", "maxLength": 3}, {"type": "string", "maxLength": 5}]}
+    assert "allOf" in tighten_schema(clash)
+    loop = {"definitions": {"Foo": {"type": "object", "properties": {"kids": {"allOf": [{"$ref": "#/definitions/Foo"}]}}}},
+            "properties": {"Foo": {"$ref": "#/definitions/Foo"}}}
+    assert "allOf" in tighten_schema(loop)["definitions"]["Foo"]["properties"]["kids"]
+    # a required key the node does not list is listed (grammars allow no other keys)
+    top = tighten_schema({"type": "object", "properties": {}, "required": ["top"]})
+    assert "top" in top["properties"]
+    typed = tighten_schema({"type": "object", "additionalProperties": {"type": "integer"}, "required": ["n"]})
+    assert typed["properties"]["n"] == {"type": "integer"}
+    # a pattern is bounded instead of given a maxLength the grammar would ignore
+    p = tighten_schema({"type": "string", "pattern": "^[a-z]+$"})
+    assert p == {"type": "string", "pattern": "^[a-z]{1,32}$"}
+
+
+@pytest.mark.parametrize("schema", [
+    {"definitions": {"pets": {"type": "object", "properties": {"cat": {"type": "string"}}, "required": ["cat"]}},
+     "type": "object", "required": ["more"], "properties": {"more": {"allOf": [
+         {"$ref": "#/definitions/pets"}, {"type": "object", "properties": {"horse": {"type": "string"}},
+                                          "required": ["horse"]}]}}},
+    {"type": "object", "properties": {}, "required": ["top"]},
+])
+def test_written_out_schemas_decode_to_valid_answers(engine, verifier, schema):
+    prompt = encode_prompt(verifier.tokenizer, "Answer as JSON: " + json.dumps(schema))
+    out = verifier.generate([prompt], 128, logits_processors=[engine.processor("json_schema", schema)])[0]
+    assert out.finished, out.text
+    validator_for(schema)(schema).validate(json.loads(out.text))
+
+
+def test_compiled_grammars_outlive_the_engine_on_disk(dg, verifier, tmp_path):
+    model, tok = dg
+    vocab = model.config.text_config.vocab_size
+    schema = {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}
+    prompt = encode_prompt(tok, "Which city? Answer as JSON.")
+
+    def answer(engine):
+        return verifier.generate([prompt], 32, logits_processors=[engine.processor("json_schema", schema)])[0]
+
+    first = GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",), cache_dir=str(tmp_path))
+    want = answer(first)
+    files = list(tmp_path.rglob("*.json"))
+    assert len(files) == 1 and first.backends[0].disk.stores == 1
+    # a new engine (a replica's next life) loads the grammar instead of compiling it
+    second = GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",), cache_dir=str(tmp_path))
+    assert answer(second).token_ids == want.token_ids and want.finished
+    assert second.backends[0].disk.hits == 1 and second.backends[0].disk.stores == 0
+    # a damaged file is compiled again and replaced
+    files[0].write_text("{not a grammar")
+    third = GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",), cache_dir=str(tmp_path))
+    assert answer(third).token_ids == want.token_ids
+    assert third.backends[0].disk.stores == 1 and json.loads(files[0].read_text())
