@@ -28,33 +28,34 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from .constraints import GRAMMAR_ENGINES, GRAMMAR_KINDS, ConstraintKind
-from .schema_variants import bounded_pattern, distribute, merge_all_of, types
+from .schema_variants import anchor_pointers, bounded_pattern, decoding_form, types
 
 UNBOUNDED_FORMATS = frozenset({"email", "idn-email", "hostname", "idn-hostname", "uri", "uri-reference", "iri",
                                "iri-reference", "uri-template", "json-pointer", "relative-json-pointer", "regex"})
 
 
-def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4, root: Any = None) -> Any:
-    """A copy of ``schema`` whose free strings and arrays are bounded (``maxLength``/``maxItems``
-    added where absent, never below ``minLength``/``minItems``).
+def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4, root: Any = None,
+                   anchors: dict[str, str] | None = None) -> Any:
+    """A copy of ``schema`` for decoding: every instance of it is an instance of the original
+    (against which answers are validated), and what grammar engines would drop is written out.
 
-    Decoding under the tighter schema keeps a small model from writing one string until the token
-    budget runs out; every instance of it is still an instance of the original schema, against
-    which answers are validated. A ``oneOf``/``anyOf`` beside the node's own keywords is
-    distributed into its branches (:func:`models.schema_variants.distribute`), and an ``allOf``
-    written out as one schema where its branches merge (:func:`models.schema_variants.merge_all_of`).
-    Bounds a grammar would ignore are carried another way: a string's ``pattern`` is itself
-    bounded (:func:`models.schema_variants.bounded_pattern`), and a required key the node does not
-    list is listed (grammars allow no other keys).
+    * Bounds: free strings and arrays get a ``maxLength``/``maxItems`` (never below their
+      minimum), so a small model cannot write one value until the token budget runs out; a
+      string's ``pattern`` is itself bounded (:func:`models.schema_variants.bounded_pattern`:
+      grammars ignore a ``maxLength`` beside it).
+    * Each node in its decoding form (:func:`models.schema_variants.decoding_form`: combinators
+      distributed or merged, anchors made pointers, conditional requirements required,
+      ``multipleOf`` divisors of 1 as integers); a required key the node does not list is listed
+      (grammars allow no other keys); a ``false`` property left out.
     """
-    root = schema if root is None else root
+    if root is None:
+        root, anchors = schema, anchor_pointers(schema)
     if isinstance(schema, list):
-        return [tighten_schema(v, max_string, max_items, root) for v in schema]
+        return [tighten_schema(v, max_string, max_items, root, anchors) for v in schema]
     if not isinstance(schema, dict):
         return schema
-    # a combinator beside the node's own keywords: each branch carries them; allOf written out
-    schema = merge_all_of(distribute(schema), root)
-    out = {k: tighten_schema(v, max_string, max_items, root) for k, v in schema.items()}
+    schema = decoding_form(schema, root, anchors)
+    out = {k: tighten_schema(v, max_string, max_items, root, anchors) for k, v in schema.items()}
     props = out.get("properties")
     if isinstance(props, dict) and any(v is False for v in props.values()):
         # a property whose schema is `false` must be absent; with no additional properties

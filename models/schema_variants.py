@@ -229,8 +229,64 @@ def distribute(node: dict) -> dict:
 _MERGEABLE = ("properties", "required", "type", "title", "description", "$comment", "examples", "default")
 
 
-def _local_ref(root: Any, ref: str) -> Any:
-    """The node a local JSON pointer (``#/definitions/x``) names in ``root``; None when it names none."""
+def anchor_pointers(root: Any) -> dict[str, str]:
+    """``"#name"`` -> the JSON pointer (``"#/definitions/x"``) of the subschema that names itself so
+    (draft-04 ``"id": "#name"``, ``"$id": "#name"``, ``"$anchor": "name"``). Grammar engines
+    resolve JSON pointers only."""
+    found: dict[str, str] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            for key in ("id", "$id"):
+                if isinstance(node.get(key), str) and node[key].startswith("#") and len(node[key]) > 1:
+                    found.setdefault(node[key], "#" + path)
+            if isinstance(node.get("$anchor"), str):
+                found.setdefault("#" + node["$anchor"], "#" + path)
+            for k, v in node.items():
+                if k not in ("enum", "const", "examples", "default"):
+                    walk(v, f"{path}/{k.replace('~', '~0').replace('/', '~1')}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}")
+
+    walk(root, "")
+    return found
+
+
+def decoding_form(node: dict, root: Any, anchors: dict[str, str]) -> dict:
+    """One schema node rewritten into what grammar engines decode faithfully, every instance of the
+    result an instance of ``node`` as far as the grammar enforces it (answers are validated
+    against the original):
+
+    * a ``oneOf``/``anyOf`` beside the node's own keywords distributed into its branches
+      (:func:`distribute`), an ``allOf`` merged into one schema (:func:`merge_all_of`);
+    * a ``$ref`` to an anchor (``"#name"``) made a JSON pointer (:func:`anchor_pointers`);
+    * ``if``/``then``/``else``, which no grammar expresses: the keys either branch requires are
+      required (an object holding them all satisfies whichever branch applies);
+    * ``"multipleOf": 0.01`` (any divisor of 1) on a number: decoded as an integer (a multiple)."""
+    node = merge_all_of(distribute(node), root, anchors)
+    if isinstance(node.get("$ref"), str) and node["$ref"] in anchors:
+        node = {**node, "$ref": anchors[node["$ref"]]}
+    if "if" in node and ("then" in node or "else" in node):
+        extra = [k for b in ("then", "else") if isinstance(node.get(b), dict)
+                 for k in node[b].get("required", []) if isinstance(node[b].get("required"), list)]
+        if extra:
+            base = node.get("required") if isinstance(node.get("required"), list) else []
+            node = {**node, "required": list(dict.fromkeys(base + extra))}
+    step = node.get("multipleOf")
+    if isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1 and "number" in types(node):
+        whole = 1 / step
+        if abs(whole - round(whole)) < 1e-9:
+            kinds = types(node)
+            node = {**node, "type": "integer" if isinstance(node["type"], str) else
+                    list(dict.fromkeys("integer" if t == "number" else t for t in kinds))}
+    return node
+
+
+def _local_ref(root: Any, ref: str, anchors: dict[str, str] | None = None) -> Any:
+    """The node a local JSON pointer (``#/definitions/x``) or anchor (``#name``) names in ``root``;
+    None when it names none."""
+    ref = (anchors or {}).get(ref, ref)
     if not ref.startswith("#"):
         return None
     node = root
@@ -252,7 +308,7 @@ def _holds(node: Any, key: str) -> bool:
     return isinstance(node, list) and any(_holds(v, key) for v in node)
 
 
-def merge_all_of(node: dict, root: Any) -> dict:
+def merge_all_of(node: dict, root: Any, anchors: dict[str, str] | None = None) -> dict:
     """A node whose ``allOf`` branches (a local ``$ref`` resolved one level) merge without conflict
     -> one schema: properties united (a property in two branches takes both: ``allOf`` of the two),
     required keys united, types intersected. Grammars decode ``allOf`` poorly (xgrammar lets any
@@ -268,7 +324,7 @@ def merge_all_of(node: dict, root: Any) -> dict:
     out = {k: v for k, v in node.items() if k != "allOf"}
     for branch in branches:
         if isinstance(branch, dict) and set(branch) == {"$ref"} and isinstance(branch["$ref"], str):
-            branch = _local_ref(root, branch["$ref"])
+            branch = _local_ref(root, branch["$ref"], anchors)
             if _holds(branch, "allOf"):  # written out, it could hold this allOf again (a recursive $ref)
                 return node
         if not isinstance(branch, dict) or "allOf" in branch or "$ref" in branch:

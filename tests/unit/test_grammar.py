@@ -313,6 +313,18 @@ def test_tighten_schema_writes_out_what_grammars_would_drop():
     # a pattern is bounded instead of given a maxLength the grammar would ignore
     p = tighten_schema({"type": "string", "pattern": "^[a-z]+$"})
     assert p == {"type": "string", "pattern": "^[a-z]{1,32}$"}
+    # a $ref to a draft-04 anchor ("id": "#name") becomes the JSON pointer engines resolve
+    anchored = {"definitions": {"drive": {"id": "#drive", "type": "object", "required": ["limit"],
+                                          "properties": {"limit": {"type": "number"}}}},
+                "type": "object", "properties": {"jump": {"$ref": "#drive"}}}
+    assert tighten_schema(anchored)["properties"]["jump"] == {"$ref": "#/definitions/drive"}
+    # if/then/else (no grammar expresses it): what either branch requires is required
+    cond = {"type": "object", "properties": {"a": s, "b": {"type": "integer"}, "c": {"enum": ["x", "y"]}},
+            "if": {"properties": {"c": {"const": "x"}}}, "then": {"required": ["a", "b"]}, "else": {"required": ["a", "c"]}}
+    assert tighten_schema(cond)["required"] == ["a", "b", "c"]
+    # multipleOf 0.01 on a number: decoded as an integer, a multiple of it
+    assert tighten_schema({"type": "number", "multipleOf": 0.01})["type"] == "integer"
+    assert tighten_schema({"type": "number", "multipleOf": 3})["type"] == "number"
 
 
 @pytest.mark.parametrize("schema", [
@@ -321,6 +333,12 @@ def test_tighten_schema_writes_out_what_grammars_would_drop():
          {"$ref": "#/definitions/pets"}, {"type": "object", "properties": {"horse": {"type": "string"}},
                                           "required": ["horse"]}]}}},
     {"type": "object", "properties": {}, "required": ["top"]},
+    {"$schema": "http://json-schema.org/draft-04/schema#",
+     "definitions": {"drive": {"id": "#drive", "type": "object", "required": ["limit"],
+                               "properties": {"limit": {"type": "number", "minimum": 0}}}},
+     "type": "object", "required": ["jump"], "properties": {"jump": {"$ref": "#drive"}}},
+    {"type": "object", "required": ["amount"], "additionalProperties": False,
+     "properties": {"amount": {"type": "number", "minimum": 0, "multipleOf": 0.01}}},
 ])
 def test_written_out_schemas_decode_to_valid_answers(engine, verifier, schema):
     prompt = encode_prompt(verifier.tokenizer, "Answer as JSON: " + json.dumps(schema))
