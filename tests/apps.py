@@ -1,8 +1,16 @@
 """What the suites that serve a real app share."""
 
+import socket
 import time
 
 API_KEY = "sk-test-0123456789"  # the guarded test app's key (tests/integration/test_reliability.py)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:

@@ -1,18 +1,11 @@
 """The real application under ``serve.run`` (real tiny checkpoint), on 127.0.0.1 only."""
 
 import os
-import socket
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-from tests.apps import API_KEY, wait_until_healthy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.apps import API_KEY, free_port, wait_until_healthy
 
 
 @pytest.fixture(scope="session")
