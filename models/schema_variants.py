@@ -283,22 +283,31 @@ def decoding_form(node: dict, root: Any, anchors: dict[str, str]) -> dict:
     return node
 
 
-def _local_ref(root: Any, ref: str, anchors: dict[str, str] | None = None) -> Any:
-    """The node a local JSON pointer (``#/definitions/x``) or anchor (``#name``) names in ``root``;
-    None when it names none."""
-    ref = (anchors or {}).get(ref, ref)
-    if not ref.startswith("#"):
-        return None
-    node = root
-    for part in filter(None, ref[1:].split("/")):
-        part = part.replace("~1", "/").replace("~0", "~")
+def json_pointer(doc: Any, ref: str) -> Any:
+    """The node a local JSON pointer (``"#"`` or ``"#/a/b~1c"``) names in ``doc``; LookupError when
+    it names none."""
+    node = doc
+    for raw in ref[2:].split("/") if ref != "#" else []:
+        part = raw.replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
         else:
-            return None
+            raise LookupError(f"{ref!r} names nothing")
     return node
+
+
+def _local_ref(root: Any, ref: str, anchors: dict[str, str] | None = None) -> Any:
+    """The node a local JSON pointer (``#/definitions/x``) or anchor (``#name``) names in ``root``;
+    None when it names none."""
+    ref = (anchors or {}).get(ref, ref)
+    if ref != "#" and not ref.startswith("#/"):
+        return None
+    try:
+        return json_pointer(root, ref)
+    except LookupError:
+        return None
 
 
 def _holds(node: Any, key: str) -> bool:

@@ -107,16 +107,12 @@ _IN_PLACE_ONE = ("not", "if", "then", "else")
 
 def _pointer(doc: Any, ref: str) -> Any:
     """The node a local ``$ref`` ("#" or "#/a/b~1c") names; ConstraintError if it names none."""
-    node = doc
-    for raw in [p for p in ref[2:].split("/")] if ref != "#" else []:
-        part = raw.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            raise ConstraintError(f"$ref {ref!r} does not resolve inside the schema")
-    return node
+    from models.schema_variants import json_pointer
+
+    try:
+        return json_pointer(doc, ref)
+    except LookupError:
+        raise ConstraintError(f"$ref {ref!r} does not resolve inside the schema") from None
 
 
 def _anchors(nodes) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import socket
 import time
+from contextlib import contextmanager
 
 API_KEY = "sk-test-0123456789"  # the guarded test app's key (tests/integration/test_reliability.py)
 
@@ -26,6 +27,22 @@ def wait_until_healthy(url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:g} s")
+
+
+@contextmanager
+def served(args: dict, name: str, route_prefix: str, url: str, timeout_s: float):
+    """The app built from ``args`` under ``serve.run`` as ``name`` at ``route_prefix``, answering
+    ``url``/health; deleted afterwards."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    try:
+        wait_until_healthy(url, timeout_s)
+        yield url
+    finally:
+        serve.delete(name)
 
 
 def measured_route(header: str) -> tuple[str, dict[str, float]]:

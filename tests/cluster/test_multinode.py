@@ -17,7 +17,7 @@ import pytest
 import requests
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")
-from tests.apps import free_port, wait_until_healthy  # noqa: E402
+from tests.apps import free_port, served  # noqa: E402
 
 DEADLINE_S = 20
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
@@ -48,7 +48,6 @@ def cluster():
 def app(cluster, tmp_path_factory):
     from ray import serve
 
-    from deployments.app import build_app
     from models.export_ar import export
     from models.loading import DEFAULT_CHECKPOINT
 
@@ -72,11 +71,8 @@ def app(cluster, tmp_path_factory):
         "limits": {"max_tokens": 48, "default_max_tokens": 32, "request_timeout_s": DEADLINE_S, "max_in_flight": 32},
         "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 48, "max_queued_requests": 48},
     }
-    serve.run(build_app(args), name="dgserve", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 180)
-    yield url
-    serve.delete("dgserve")
+    with served(args, "dgserve", "/", f"http://127.0.0.1:{port}", 180) as url:
+        yield url
 
 
 def _replicas() -> dict[str, list[str]]:

@@ -14,7 +14,7 @@ import pytest
 import requests
 from jsonschema.validators import validator_for
 
-from tests.apps import API_KEY, wait_until_healthy
+from tests.apps import API_KEY, served
 
 MODEL = "dgserve-tiny"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -25,9 +25,6 @@ DEADLINE_S = 15
 
 @pytest.fixture(scope="module")
 def guarded(app_url, tmp_path_factory):
-    from ray import serve
-
-    from deployments.app import build_app
     from models.export_ar import export
     from models.loading import DEFAULT_CHECKPOINT
 
@@ -45,11 +42,8 @@ def guarded(app_url, tmp_path_factory):
         "auth": {"api_key_env": "DGSERVE_TEST_API_KEY"},
         "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 24, "max_queued_requests": 24},
     }
-    serve.run(build_app(args), name="guarded", route_prefix="/guarded")
-    url = f"{app_url}/guarded"
-    wait_until_healthy(url, 90)
-    yield url
-    serve.delete("guarded")
+    with served(args, "guarded", "/guarded", f"{app_url}/guarded", 90) as url:
+        yield url
 
 
 def prose(i: int = 0, **extra) -> dict:

@@ -1,11 +1,12 @@
 """The KubeRay manifest (deploy/kuberay/rayservice.gpu.yaml) stays in step with serve_config.gpu.yaml
 and gives every deployment of it a place to run: GPU replicas on GPU pods only, the head free of
-model replicas, a Collector where the traces are sent, the Ray version this package pins."""
+model replicas, a Collector where the traces are sent, the Ray version this package pins
+(read from pyproject.toml: the vLLM job runs this suite without Ray)."""
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-import ray
 import yaml
 
 from deployments.config import AppArgs
@@ -26,7 +27,8 @@ def test_the_rayservice_serves_the_gpu_serve_config():
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert embedded == yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())
     cluster = service["spec"]["rayClusterConfig"]
-    assert cluster["rayVersion"] == ray.__version__
+    pinned = re.search(r'"ray\[serve\]==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert cluster["rayVersion"] == pinned
     assert cluster["authOptions"]["mode"] == "token"  # as RAY_AUTH_MODE=token everywhere else
 
 
