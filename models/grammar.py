@@ -21,6 +21,7 @@ constraint by each backend; a compile that exceeds ``compile_timeout_s`` is refu
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, Sequence
@@ -89,6 +90,30 @@ def tighten_schema(schema: Any, max_string: int = 32, max_items: int = 4, root: 
     if "array" in kinds and "maxItems" not in out:
         out["maxItems"] = max(int(out.get("minItems", 0)), max_items)
     return out
+
+
+class CompiledCache:
+    """Compiled grammars by key, the ``size`` most recently used kept; safe across threads (each
+    compile runs in a thread of its own, :meth:`GrammarEngine.compile`)."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key) -> Any:
+        """The value under ``key`` (now the most recent), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 class GrammarError(ValueError):

@@ -6,14 +6,12 @@ schema. A compiled grammar is a matcher template; each matcher is a copy of it."
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from .constraints import ConstraintKind
-from .grammar import GrammarError, tighten_schema, unpack_bitmask
+from .grammar import CompiledCache, GrammarError, tighten_schema, unpack_bitmask
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": True}
 
@@ -29,9 +27,7 @@ class LLGuidanceBackend:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_id)
-        self.cache: OrderedDict[str, Any] = OrderedDict()  # grammar text -> template matcher
-        self.cache_size = cache_size
-        self.lock = threading.Lock()
+        self.cache = CompiledCache(cache_size)  # grammar text -> template matcher
 
     def _grammar(self, kind: str, spec: Any) -> str:
         m = self.ll.LLMatcher
@@ -45,17 +41,13 @@ class LLGuidanceBackend:
 
     def compile(self, kind: str, spec: Any):
         grammar = self._grammar(kind, spec)
-        with self.lock:
-            if grammar in self.cache:
-                self.cache.move_to_end(grammar)
-                return self.cache[grammar]
+        template = self.cache.get(grammar)
+        if template is not None:
+            return template
         template = self.ll.LLMatcher(self.tokenizer, grammar, log_level=0)
         if template.is_error():
             raise GrammarError(template.get_error())
-        with self.lock:
-            self.cache[grammar] = template
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
+        self.cache.put(grammar, template)
         return template
 
     def matcher(self, compiled) -> "LLGuidanceMatcher":

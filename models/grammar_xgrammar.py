@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections import OrderedDict
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from .constraints import ConstraintKind
-from .grammar import GrammarError, tighten_schema, unpack_bitmask
+from .grammar import CompiledCache, GrammarError, tighten_schema, unpack_bitmask
 
 
 class XGrammarBackend:
@@ -37,7 +36,7 @@ class XGrammarBackend:
         self.first_byte[: len(first)] = torch.tensor(first[:vocab_size], dtype=torch.int16)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
         self.disk = GrammarDiskCache(Path(cache_dir), _fingerprint(tokenizer, vocab_size, eos_id)) if cache_dir else None
-        self.loaded: OrderedDict[tuple[str, str], Any] = OrderedDict()  # with a disk cache: what this process holds
+        self.loaded = CompiledCache()  # with a disk cache: what this process holds
 
     def compile(self, kind: str, spec: Any):
         if kind == ConstraintKind.JSON_SCHEMA:
@@ -56,10 +55,9 @@ class XGrammarBackend:
         if self.disk is None:
             return build()  # xgrammar's compiler caches it in memory
         key = (kind, source)
-        if key in self.loaded:
-            self.loaded.move_to_end(key)
-            return self.loaded[key]
-        compiled = None
+        compiled = self.loaded.get(key)
+        if compiled is not None:
+            return compiled
         stored = self.disk.load(kind, source)
         if stored is not None:
             try:
@@ -69,9 +67,7 @@ class XGrammarBackend:
         if compiled is None:
             compiled = build()
             self.disk.store(kind, source, compiled.serialize_json())
-        self.loaded[key] = compiled
-        while len(self.loaded) > 256:
-            self.loaded.popitem(last=False)
+        self.loaded.put(key, compiled)
         return compiled
 
     def matcher(self, compiled) -> "XGrammarMatcher":

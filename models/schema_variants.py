@@ -273,11 +273,9 @@ def decoding_form(node: dict, root: Any, anchors: dict[str, str]) -> dict:
         if extra:
             base = node.get("required") if isinstance(node.get("required"), list) else []
             node = {**node, "required": list(dict.fromkeys(base + extra))}
-    step = node.get("multipleOf")
-    if isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1 and "number" in types(node):
-        whole = 1 / step
-        if abs(whole - round(whole)) < 1e-9:
-            kinds = types(node)
+    step, kinds = node.get("multipleOf"), types(node)
+    if isinstance(step, (int, float)) and not isinstance(step, bool) and 0 < step <= 1 and "number" in kinds:
+        if abs(1 / step - round(1 / step)) < 1e-9:
             node = {**node, "type": "integer" if isinstance(node["type"], str) else
                     list(dict.fromkeys("integer" if t == "number" else t for t in kinds))}
     return node
@@ -353,10 +351,10 @@ def merge_all_of(node: dict, root: Any, anchors: dict[str, str] | None = None) -
                 if not both:
                     return node
                 out[k] = both[0] if len(both) == 1 else both
-            elif k in out and out[k] != v and k not in _MERGEABLE:
-                return node
-            elif k not in out or k not in _MERGEABLE:
+            elif k not in out:
                 out[k] = v
+            elif out[k] != v and k not in _MERGEABLE:
+                return node
     return out
 
 

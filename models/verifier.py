@@ -57,16 +57,8 @@ def feed(lm: "CausalLM", rows: Sequence[Sequence[int]], lengths: Sequence[int], 
     token [batch, vocab], the mask and the batch's width."""
     dev = mask.device
     k = max(len(r) for r in rows)
-    if k == 1:
-        ids = torch.tensor([[r[0]] for r in rows], device=dev)
-        positions = torch.tensor([[n] for n in lengths], device=dev)
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=dev)], 1)
-        return lm.logits(ids, mask, cur, cache, positions)[:, -1], mask, cur + 1
-    ids = torch.full((len(rows), k), pad_id, dtype=torch.long, device=dev)
-    new = torch.zeros(len(rows), k, dtype=torch.bool, device=dev)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        new[b, : len(r)] = True
+    ids = torch.tensor([list(r) + [pad_id] * (k - len(r)) for r in rows], dtype=torch.long, device=dev)
+    new = torch.tensor([[True] * len(r) + [False] * (k - len(r)) for r in rows], device=dev)
     positions = torch.tensor(list(lengths), device=dev).unsqueeze(1) + torch.arange(k, device=dev)
     mask = torch.cat([mask, new], 1)
     logits = lm.logits(ids, mask, cur, cache, positions)
