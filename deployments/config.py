@@ -238,10 +238,22 @@ class AuthArgs(_Strict):
     api_key_env: str | None = None  # name of the environment variable holding the API key; None = open
 
 
+class ModelEntryArgs(_Strict):
+    """A further model served by the same app (``models:``), chosen by the request's ``model``:
+    its own Drafter (and Verifier) deployments; validation, structured settings, limits and auth
+    are the app's. ``router`` (None: the app's) lets a model keep its own routing rules."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    drafter: DrafterArgs = DrafterArgs()
+    verifier: VerifierArgs = VerifierArgs()
+    router: RouterArgs | None = None
+
+
 class AppArgs(_Strict):
     model_name: str = "dgserve-tiny"
     drafter: DrafterArgs = DrafterArgs()
     verifier: VerifierArgs = VerifierArgs()
+    models: list[ModelEntryArgs] = Field(default_factory=list)  # further models, after model_name (the default)
     validator: ValidatorArgs = ValidatorArgs()
     router: RouterArgs = RouterArgs()
     structured: StructuredArgs = StructuredArgs()
@@ -275,6 +287,33 @@ class AppArgs(_Strict):
         """The verify route samples only in one process with the verifier (transformers drafter,
         verified locally); rounds between engines or services are greedy only."""
         return self.drafter.backend == "transformers" and self.verify_mode() == "local"
+
+    @model_validator(mode="after")
+    def _models_apart(self):
+        names = [self.model_name] + [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique: {dup} appear more than once (model_name and models[].name)")
+        for i, _ in enumerate(self.models):  # each model's drafter/verifier pair obeys the same rules
+            try:
+                self.model_args(i + 1)
+            except ValueError as e:
+                raise ValueError(f"models[{i}]: {e}") from None
+        return self
+
+    def model_args(self, index: int) -> "AppArgs":
+        """The app's arguments as model ``index`` sees them (0: the default; i: ``models[i - 1]``),
+        with no further models: what one model's deployments and pipeline are built from."""
+        if index == 0:
+            return self if not self.models else self.model_copy(update={"models": []})
+        m = self.models[index - 1]
+        data = self.model_dump(exclude={"models"})
+        data.update(model_name=m.name, drafter=m.drafter.model_dump(), verifier=m.verifier.model_dump(),
+                    router=(m.router or self.router).model_dump())
+        return AppArgs.model_validate(data)
+
+    def model_names(self) -> list[str]:
+        return [self.model_name] + [m.name for m in self.models]
 
     @model_validator(mode="after")
     def _shedding_below_ray_limit(self):

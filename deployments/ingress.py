@@ -62,15 +62,15 @@ def _body(model) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def component_schemas(model_name: str | None) -> dict:
-    """The request bodies and stream events as OpenAPI components; ``model_name``, the one model id
-    this deployment serves, becomes an enum in the request bodies."""
+def component_schemas(model_names: list[str] | None) -> dict:
+    """The request bodies and stream events as OpenAPI components; ``model_names``, the model ids
+    this deployment serves, become an enum in the request bodies."""
     out: dict = {}
     for model in _BODIES + _EVENTS:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         out.update(schema.pop("$defs", {}))
-        if model in _BODIES and model_name is not None:
-            schema["properties"]["model"]["enum"] = [model_name]
+        if model in _BODIES and model_names is not None:
+            schema["properties"]["model"]["enum"] = list(model_names)
         out[model.__name__] = schema
     return out
 
@@ -94,14 +94,14 @@ def _responses(ok_model) -> dict:
     return out
 
 
-def openapi_document(app: FastAPI, model_name: str | None) -> dict:
+def openapi_document(app: FastAPI, model_names: list[str] | None) -> dict:
     """FastAPI's document of ``app`` plus :func:`component_schemas` (``app.openapi`` is FastAPI's
     documented hook for extending it); built once, then cached on the app."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         doc = get_openapi(title=app.title, version="0.1.0", description=app.description, routes=app.routes)
-        doc.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas(model_name))
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas(model_names))
         app.openapi_schema = doc
     return app.openapi_schema
 
@@ -133,36 +133,49 @@ def _respond(reply: Reply) -> Response:
 @serve.deployment(name="Ingress")
 @serve.ingress(http)
 class Ingress:
-    async def __init__(self, args: AppArgs, drafter, ar, validator):
-        """Async so that the router's calibration (a few requests per path) finishes before the
-        replica takes traffic: the first requests are routed by measurement."""
+    async def __init__(self, args: AppArgs, models: dict, validator):
+        """``models``: each model's name -> its (drafter, ar) handles (``deployments.app``). Async
+        so that the router's calibration (a few requests per path) finishes before the replica
+        takes traffic: the first requests are routed by measurement."""
         configure_tracing("ingress")
-        self.drafter = DraftHandle(drafter, args.sampled_verify())
-        self.health_state = args.router.health()
-        self.watcher = None  # started on the first call (it needs the replica's running event loop)
-        policy = args.router.router_policy()
-        pipeline = Pipeline(self.drafter, ARHandle(ar), ValidatorHandle(validator), policy,
-                            self.health_state, args.structured.policy())
+        self.watched = []  # (drafter handle, breaker) per model, polled by ``watch``
+        self.watchers: list = []  # started on the first call (they need the replica's running event loop)
+        checked = ValidatorHandle(validator)
+        pipelines = {}
+        for i, name in enumerate(args.model_names()):
+            a = args.model_args(i)
+            drafter, ar = models[name]
+            handle = DraftHandle(drafter, a.sampled_verify())
+            health = a.router.health()
+            policy = a.router.router_policy()
+            pipelines[name] = Pipeline(handle, ARHandle(ar), checked, policy, health, a.structured.policy())
+            self.watched.append((handle, health))
         api_key = None
         if args.auth.api_key_env is not None:
             api_key = os.environ.get(args.auth.api_key_env)
             if not api_key:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
-        self.gateway = Gateway(pipeline, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
-                               ServeMetrics())
+        default = pipelines.pop(args.model_name)
+        self.gateway = Gateway(default, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
+                               ServeMetrics(), others=pipelines)
         # ``http`` here is the app this replica serves (Ray Serve deploys a copy of the module's)
         http.state.gateway = self.gateway
-        http.openapi = partial(openapi_document, http, args.model_name)
+        http.openapi = partial(openapi_document, http, args.model_names())
         http.openapi_schema = None
-        if policy.kind == "measured" and policy.calibration_requests:
-            from pipeline.route_estimates import calibration_jobs
+        for pipeline in self.gateway.pipelines.values():
+            policy = pipeline.policy
+            if policy.kind == "measured" and policy.calibration_requests:
+                from pipeline.route_estimates import calibration_jobs
 
-            await pipeline.calibrate(calibration_jobs(min(64, args.limits.max_tokens)), policy.calibration_requests)
+                await pipeline.calibrate(calibration_jobs(min(64, args.limits.max_tokens)), policy.calibration_requests)
 
     def _watch(self) -> None:
-        """Keep polling the drafter's stuck work into the breaker (``pipeline.health.watch``)."""
-        if self.watcher is None or self.watcher.done():
-            self.watcher = asyncio.get_running_loop().create_task(watch(self.drafter.status, self.health_state))
+        """Keep polling each model's stuck drafter work into its breaker (``pipeline.health.watch``)."""
+        if not self.watchers or any(w.done() for w in self.watchers):
+            for w in self.watchers:
+                w.cancel()
+            loop = asyncio.get_running_loop()
+            self.watchers = [loop.create_task(watch(handle.status, health)) for handle, health in self.watched]
 
     @http.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest), responses=_responses(ChatCompletion))
     async def chat(self, request: Request) -> Response:

@@ -67,6 +67,15 @@ class PositionMask:
         return cls(torch.arange(allowed.shape[0]), allowed)
 
 
+@dataclass(frozen=True)
+class CanvasState:
+    """One row's canvas as the decoder reads it at a step."""
+
+    tokens: torch.Tensor  # [canvas] long: accepted tokens and renoised ones
+    accepted: torch.Tensor  # [canvas] bool: positions accepted at the previous step (and pinned ones)
+    entropy: torch.Tensor | None = None  # [canvas] float32 nats: the step's entropies (review only)
+
+
 class CanvasHook(Protocol):
     """Per-request control of denoising. ``committed`` is the request's output so far."""
 
@@ -75,8 +84,15 @@ class CanvasHook(Protocol):
         ...
 
     def mask(self, canvas_index: int, step: int, committed: Sequence[int],
-             logits: torch.Tensor) -> PositionMask | None:
-        """Allowed tokens at some positions given this step's logits [canvas, vocab], or None."""
+             logits: torch.Tensor, state: CanvasState) -> PositionMask | None:
+        """Allowed tokens at some positions given this step's logits [canvas, vocab] and the
+        canvas it was computed from, or None."""
+        ...
+
+    def review(self, canvas_index: int, step: int, committed: Sequence[int],
+               after: CanvasState) -> torch.Tensor | None:
+        """Positions [k] long to renoise instead of accepting, given the sampler's update
+        ``after`` (the next step's canvas and acceptances), or None."""
         ...
 
 
@@ -90,7 +106,10 @@ class PinFirst:
     def pins(self, canvas_index, committed):
         return {0: self.token}
 
-    def mask(self, canvas_index, step, committed, logits):
+    def mask(self, canvas_index, step, committed, logits, state):
+        return None
+
+    def review(self, canvas_index, step, committed, after):
         return None
 
 
@@ -336,6 +355,7 @@ class DiffusionDrafter:
                                  decoder_attention_mask=dec_mask, **cache_kwarg(make_mask, cache))
         positions = torch.arange(cur_len, cur_len + canvas_len, device=dev).unsqueeze(0)
         argmax = canvas
+        accepted = pinned.clone()  # [batch, canvas] positions accepted at the previous step
         soft = None  # self-conditioning input [batch, canvas, hidden], from the previous step's logits
         done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         repeats = torch.zeros(bsz, dtype=torch.long, device=dev)
@@ -353,20 +373,36 @@ class DiffusionDrafter:
             for b, row in enumerate(rows):
                 if row.hook is None or done[b]:
                     continue
-                m = row.hook.mask(canvas_index, step, row.tokens, logits[b])
+                m = row.hook.mask(canvas_index, step, row.tokens, logits[b], CanvasState(canvas[b], accepted[b]))
                 if m is not None:
                     pos = m.positions.to(dev)
                     logits[b, pos] = torch.where(m.allowed.to(dev), logits[b, pos], floor)
             if len(pin_rows):  # pinned positions: all mass on the pinned token (entropy 0, accepted)
                 logits[pin_rows, pin_cols] = floor
                 logits[pin_rows, pin_cols, pin_ids[pin_rows, pin_cols]] = 0.0
-            st = sampler_step(logits, canvas, s.entropy_bound, _mix(seed, canvas_index, step), backend=self.backend)
-            same = (st.argmax == argmax).all(-1)
+            step_seed = _mix(seed, canvas_index, step)
+            st = sampler_step(logits, canvas, s.entropy_bound, step_seed, backend=self.backend)
+            next_canvas, next_accepted = st.canvas, st.accepted
+            unsettled = torch.zeros(bsz, dtype=torch.bool, device=dev)  # rows whose hook refused an acceptance
+            for b, row in enumerate(rows):  # a hook may refuse acceptances (renoised instead)
+                if row.hook is None or done[b]:
+                    continue
+                after = CanvasState(next_canvas[b], next_accepted[b], st.entropy[b])
+                refused = row.hook.review(canvas_index, step, row.tokens, after)
+                if refused is not None and len(refused):
+                    unsettled[b] = True
+                    refused = refused.to(dev)
+                    if next_canvas is st.canvas:
+                        next_canvas, next_accepted = st.canvas.clone(), st.accepted.clone()
+                    next_canvas[b, refused] = rng.random_tokens(step_seed ^ 0x2E7013E, cells[b, refused], vocab)
+                    next_accepted[b, refused] = False
+            same = (st.argmax == argmax).all(-1) & ~unsettled  # a canvas with refused cells has not settled
             repeats = torch.where(done, repeats, torch.where(same, repeats + 1, torch.zeros_like(repeats)))
             stable = repeats >= s.stability_threshold
             confident = st.entropy.mean(-1) < s.confidence_threshold
             keep = done.unsqueeze(-1)
-            canvas = torch.where(keep, canvas, st.canvas)
+            canvas = torch.where(keep, canvas, next_canvas)
+            accepted = torch.where(keep, accepted, next_accepted)
             argmax = torch.where(keep, argmax, st.argmax)
             new_soft = self._soft_embedding(logits, embedding)
             soft = new_soft if soft is None else torch.where(keep.unsqueeze(-1), soft, new_soft)

@@ -389,7 +389,10 @@ class GrammarCanvasHook:
             pins[i] = int(t)
         return pins
 
-    def mask(self, canvas_index: int, step: int, committed: Sequence[int], logits: torch.Tensor):
+    def review(self, canvas_index, step, committed, after):
+        return None  # the mask binds the argmax; acceptances are the sampler's
+
+    def mask(self, canvas_index: int, step: int, committed: Sequence[int], logits: torch.Tensor, state=None):
         from .drafter import PositionMask
 
         base = self._base(committed)

@@ -185,6 +185,18 @@ def default_generation_config(max_new_tokens: int = 256, confidence_threshold: f
     )
 
 
+def sudoku_generation_config():
+    """The Sudoku checkpoint's operating point: one canvas (81 cells + <eos>), more steps than
+    the extraction model's 16 (a board settles a few cells at a time), and temperatures 4 -> 3
+    (the extraction model's: 0.8 -> 0.4): the tiny model is confident where it is wrong, and a flatter distribution leaves the
+    cells the masks decide (entropy 0) to be accepted before its guesses (docs/sudoku.md: the
+    temperature sweep, on puzzles apart from the reported ones)."""
+    gc = default_generation_config(max_new_tokens=82)
+    gc.max_denoising_steps = 48
+    gc.t_min, gc.t_max = 3.0, 4.0
+    return gc
+
+
 def batches(tokenizer, batch_size: int, seed: int, bucket: int = 1):
     """Training batches of examples, endless. ``bucket > 1``: draw ``bucket`` batches' worth of
     consecutive examples, sort them by token length, cut them into batches and yield those in a
@@ -203,27 +215,54 @@ def batches(tokenizer, batch_size: int, seed: int, bucket: int = 1):
         yield from group
 
 
+def sudoku_batches(batch_size: int, seed: int):
+    """Training batches of Sudoku puzzles (``models/sudoku.py:training_stream``), endless; all rows
+    have the same length, so no bucketing."""
+    from . import sudoku
+
+    stream = sudoku.training_stream(seed)
+    while True:
+        yield [tasks.Example("prose", sudoku.prompt(p.puzzle), None, p.solution)
+               for p in (next(stream) for _ in range(batch_size))]
+
+
 def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: float, seed: int,
           tokenizer=None, max_minutes: float | None = None, progress: bool = True,
           log_every: int = 50, diffusion_weight: float = 1.0, bucket: int = 16,
           implementation: str = "eager", noise_draws: int = 1,
           prefix_p: float = 0.0, noise_power: float = 1.0,
-          confidence_threshold: float = CONFIDENCE_THRESHOLD) -> tuple[object, object, list[float]]:
+          confidence_threshold: float = CONFIDENCE_THRESHOLD, task: str = "extraction",
+          init: Path | None = None, state: Path | None = None,
+          generation_config=None) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
+    ``task``: ``extraction`` (``models/tasks.py``) or ``sudoku`` (``models/sudoku.py``; one token
+    per cell). ``init``: a checkpoint to fine-tune (its tokenizer too) instead of fresh weights;
+    ``spec.canvas_length`` is set on it. ``state``: a file the run saves itself to every 100 steps
+    (weights, optimizer, step, random state) and resumes from when it exists, so a run cut short
+    goes on where it stopped; the data stream is replayed to the saved step.
     ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
     ``eager`` (eager attention and experts: about 10% faster at this size on CPU).
     Returns ``(model, tokenizer, losses)``.
     """
     from tqdm import tqdm
-    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
+    if init is not None:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(init, dtype=torch.float32)
+        model.config.canvas_length = spec.canvas_length
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(init)
+    else:
+        model = DiffusionGemmaForBlockDiffusion(build_config(spec))
     if tokenizer is None:
         tokenizer = train_tokenizer(tasks.corpus_lines(20000, seed), spec.vocab_size)
-    model = DiffusionGemmaForBlockDiffusion(build_config(spec))
+    if task == "sudoku":
+        from .sudoku import cell_tokenizer
+
+        tokenizer = cell_tokenizer(tokenizer)
     if implementation == "eager":
         model.set_experts_implementation("eager")
     model.config._attn_implementation = implementation
@@ -237,10 +276,28 @@ def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: fl
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
 
     losses: list[float] = []
+    first = 0
+    stream = sudoku_batches(batch_size, seed) if task == "sudoku" else batches(tokenizer, batch_size, seed, bucket)
+    if state is not None and state.exists():
+        saved = torch.load(state, weights_only=False)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        first, losses = saved["step"], saved["losses"]
+        rng.setstate(saved["rng"])
+        gen.set_state(saved["gen"])
+        torch.set_rng_state(saved["torch"])
+        for _ in range(first):
+            next(stream)
+        print(f"resumed from {state} at step {first}")
     start = time.monotonic()
-    bar = tqdm(range(steps), disable=not progress, desc="train", mininterval=5)
-    stream = batches(tokenizer, batch_size, seed, bucket)
+    bar = tqdm(range(first, steps), disable=not progress, desc="train", mininterval=5)
     for step in bar:
+        if state is not None and step > first and step % 100 == 0:
+            tmp = state.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "losses": losses, "rng": rng.getstate(), "gen": gen.get_state(),
+                        "torch": torch.get_rng_state()}, tmp)
+            tmp.replace(state)
         exs = next(stream)
         batch = make_batch(tokenizer, exs, spec.canvas_length, rng)
         for group in opt.param_groups:
@@ -257,7 +314,7 @@ def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: fl
         if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
             break
     model.eval()
-    model.generation_config = default_generation_config(confidence_threshold=confidence_threshold)
+    model.generation_config = generation_config or default_generation_config(confidence_threshold=confidence_threshold)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
@@ -289,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="the saved generation_config's stopping threshold (sampler operating point)")
     p.add_argument("--implementation", choices=("sdpa", "eager"), default="eager",
                    help="attention/experts implementation while training")
+    p.add_argument("--task", choices=("extraction", "sudoku"), default="extraction",
+                   help="training data: the synthetic extraction tasks, or Sudoku puzzles (one token per cell)")
+    p.add_argument("--init", type=Path, default=None, help="fine-tune this checkpoint instead of fresh weights")
+    p.add_argument("--state", type=Path, default=None,
+                   help="save the run here every 100 steps and resume from it when it exists")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     spec = MICRO if a.micro else ModelSpec()
@@ -300,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
                          diffusion_weight=a.diffusion_weight, bucket=a.bucket,
                          implementation=a.implementation, noise_draws=a.noise_draws,
                          prefix_p=a.prefix_noise, noise_power=a.noise_power,
-                         confidence_threshold=a.confidence_threshold)
+                         confidence_threshold=a.confidence_threshold, task=a.task, init=a.init,
+                         state=a.state, generation_config=sudoku_generation_config() if a.task == "sudoku" else None)
     print(f"steps={len(losses)} first_loss={losses[0]:.4f} last_loss={sum(losses[-20:]) / min(20, len(losses)):.4f}")
 
 

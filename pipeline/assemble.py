@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.constraints import GRAMMAR_ENGINES
+from models.decoding import ConstraintDecoding
 
 from .backends.transformers import TransformersAR, TransformersDrafter
 from .health import DrafterHealth, WorkTracker
@@ -60,6 +61,17 @@ def grammar_engine(tokenizer, model, eos_ids, compile_timeout_s: float = 2.0,
                          jump_forward=jump_forward, cache_dir=cache_dir)
 
 
+def sudoku_decoding(tokenizer, model, eos_ids):
+    """The Sudoku digit masks for a model's vocabulary (None when a digit is not one token)."""
+    from models.sudoku_decoding import SudokuDecoding
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    try:
+        return SudokuDecoding(tokenizer, model.config.get_text_config().vocab_size, sorted(eos_ids)[0], pad)
+    except ValueError:
+        return None
+
+
 def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_verifier=None,
                        work: WorkTracker | None = None) -> Roles:
     """``drafter`` (a ``DiffusionDrafter`` or None) and ``verifier`` (an ``ARVerifier`` or None) ->
@@ -70,11 +82,12 @@ def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_veri
 
     work = work or WorkTracker()
     source = verifier if verifier is not None else drafter
-    grammar = grammar_engine(source.tokenizer, source.lm.model if verifier is not None else drafter.model,
-                             source.eos_ids, wiring.grammar_compile_timeout_s, wiring.grammar_engines,
-                             wiring.jump_forward, wiring.grammar_cache_dir)
-    guidance = grammar if wiring.canvas_guidance else None
-    ar = TransformersAR(verifier, grammar, work=work, max_num_seqs=wiring.ar_max_num_seqs) if verifier is not None else None
+    model = source.lm.model if verifier is not None else drafter.model
+    grammar = grammar_engine(source.tokenizer, model, source.eos_ids, wiring.grammar_compile_timeout_s,
+                             wiring.grammar_engines, wiring.jump_forward, wiring.grammar_cache_dir)
+    decoding = ConstraintDecoding(grammar, sudoku_decoding(source.tokenizer, model, source.eos_ids))
+    guidance = decoding if wiring.canvas_guidance else None
+    ar = TransformersAR(verifier, decoding, work=work, max_num_seqs=wiring.ar_max_num_seqs) if verifier is not None else None
     if drafter is None:
         return Roles(None, ar, work)
     if remote_verifier is not None:

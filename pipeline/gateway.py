@@ -151,6 +151,7 @@ class RequestRecord:
         self.start = time.perf_counter()
         self.metrics = metrics
         self.model = model
+        self.operation = operation
         self.span = telemetry.start_request_span(f"{operation} {model}", headers)
         telemetry.attributes(self.span, {telemetry.GEN_AI_OPERATION: operation, telemetry.GEN_AI_PROVIDER: "dgserve",
                                          telemetry.GEN_AI_REQUEST_MODEL: model})
@@ -162,6 +163,13 @@ class RequestRecord:
         self.decision: RouteDecision | None = None  # the router's, before any failover
         self.stats = Stats()  # filled by the pipeline as its stages run
         self.closed = False
+
+    def model_is(self, model: str) -> None:
+        """The model the request named (the span was opened under the default's name)."""
+        if model != self.model:
+            self.model = model
+            self.span.update_name(f"{self.operation} {model}")
+            self.span.set_attribute(telemetry.GEN_AI_REQUEST_MODEL, model)
 
     def request(self, job: Job, decision: RouteDecision, stream: bool) -> None:
         self.route, self.stream, self.structured = decision.path, stream, job.constraint is not None
@@ -210,7 +218,7 @@ class RequestRecord:
             routed = self.decision
             self.metrics.observe(RequestObservation(self.route, status, self.stream, self.structured, total,
                                                     self.first_chunk_s, stats, routed.shape if routed else "",
-                                                    routed.predicted if routed else ()))
+                                                    routed.predicted if routed else (), self.model))
         except Exception:  # metrics must never fail a request
             pass
 
@@ -222,9 +230,12 @@ class Gateway:
 
     def __init__(self, pipeline: Pipeline, model_name: str, limits: Limits | None = None,
                  registry: ValidatorRegistry | None = None, api_key: str | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, others: Mapping[str, Pipeline] | None = None):
+        """``pipeline`` serves ``model_name`` (the default model); ``others``: further models by
+        name, each its own pipeline (a request picks one with its ``model``)."""
         self.pipeline = pipeline
         self.model_name = model_name
+        self.pipelines: dict[str, Pipeline] = {model_name: pipeline, **(others or {})}
         self.limits = limits or Limits()
         self.registry = registry or default_registry()
         self.api_key = api_key or None
@@ -256,16 +267,21 @@ class Gateway:
             self.authorize(headers)
         except PipelineError as e:
             return error_reply(e)
-        return Reply(200, ModelList(data=[ModelCard(id=self.model_name)]).model_dump())
+        return Reply(200, ModelList(data=[ModelCard(id=name) for name in self.pipelines]).model_dump())
+
+    @staticmethod
+    def _model_health(p: Pipeline) -> dict:
+        return {"drafter_in_rotation": p.drafter is not None and p.health.healthy(),
+                "drafter_stuck_jobs": p.health.stuck, "drafts_in_flight": p.drafts_in_flight,
+                "router": {"policy": p.policy.kind, "observations": p.estimates.observed,
+                           "estimates": p.estimates.snapshot()}}
 
     def health(self) -> Reply:
-        drafter = self.pipeline.drafter is not None and self.pipeline.health.healthy()
-        p = self.pipeline
-        return Reply(200, {"status": "ok", "drafter_in_rotation": drafter,
-                           "drafter_stuck_jobs": p.health.stuck,
-                           "drafts_in_flight": p.drafts_in_flight, "requests_in_flight": self.in_flight,
-                           "router": {"policy": p.policy.kind, "observations": p.estimates.observed,
-                                      "estimates": p.estimates.snapshot()}})
+        """The default model's state at the top level; every model's under ``models``."""
+        body = {"status": "ok", **self._model_health(self.pipeline), "requests_in_flight": self.in_flight}
+        if len(self.pipelines) > 1:
+            body["models"] = {name: self._model_health(p) for name, p in self.pipelines.items()}
+        return Reply(200, body)
 
     async def chat(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
         return await self._handle(raw, headers, ChatCompletionRequest, chat=True)
@@ -290,11 +306,15 @@ class Gateway:
             msg, param = _pydantic_message(e)
             raise BadRequest(msg, param=param) from None
 
+    def pipeline_for(self, model: str) -> Pipeline:
+        if model not in self.pipelines:
+            raise ModelNotFound(f"model {model!r} does not exist; available: {list(self.pipelines)}",
+                                param="model", code="model_not_found")
+        return self.pipelines[model]
+
     def make_job(self, req, chat: bool, trace: dict[str, str] | None = None,
                  timeout_s: float | None = None) -> tuple[Job, RouteDecision]:
-        if req.model != self.model_name:
-            raise ModelNotFound(f"model {req.model!r} does not exist; available: [{self.model_name!r}]",
-                                param="model", code="model_not_found")
+        pipeline = self.pipeline_for(req.model)
         limit = req.token_limit()
         if limit is None:
             limit = min(self.limits.default_max_tokens, self.limits.max_tokens)
@@ -321,7 +341,7 @@ class Gateway:
                   deadline=None if timeout_s is None else time.time() + timeout_s)
         shape = RequestShape(structured=constraint is not None, stream=req.stream,
                              temperature=req.temperature, requested=req.route, max_tokens=limit)
-        return job, self.pipeline.route(shape, job.trace)
+        return job, pipeline.route(shape, job.trace)
 
     async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:
         record = RequestRecord("chat" if chat else "text_completion", self.model_name, headers, self.metrics)
@@ -337,17 +357,19 @@ class Gateway:
                 raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
             timeout = self.deadline(headers)
             req = self.parse(raw, model_cls)
+            pipeline = self.pipeline_for(req.model)
+            record.model_is(req.model)
             job, decision = self.make_job(req, chat, record.carrier, timeout)
             record.request(job, decision, req.stream)
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 slot = _Slot(self)
-                stream = self._sse(job, decision, req.stop_list(), chat, include_usage, timeout, record, slot)
+                stream = self._sse(pipeline, job, decision, req.stop_list(), chat, include_usage, timeout, record, slot)
                 weakref.finalize(stream, slot.release)  # a stream never started still frees its slot
                 admitted = False  # the stream holds the slot now
                 return Reply(200, stream=stream, headers={"x-route": decision.header()})
             try:
-                outcome = await asyncio.wait_for(self.pipeline.run(job, decision, req.stop_list(), record.stats),
+                outcome = await asyncio.wait_for(pipeline.run(job, decision, req.stop_list(), record.stats),
                                                  timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
@@ -368,19 +390,19 @@ class Gateway:
         route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
         stats = {k: v for k, v in outcome.stats.as_dict().items() if isinstance(v, (int, float, bool, str))}
         if chat:
-            body = ChatCompletion(model=self.model_name, usage=usage, route=route, stats=stats,
+            body = ChatCompletion(model=req.model, usage=usage, route=route, stats=stats,
                                   choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])
         else:
-            body = Completion(model=self.model_name, usage=usage, route=route, stats=stats,
+            body = Completion(model=req.model, usage=usage, route=route, stats=stats,
                               choices=[CompletionChoice(text=r.text, finish_reason=finish)])
         record.close(200, r, outcome.decision, body.id)
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
 
-    async def _sse(self, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
+    async def _sse(self, pipeline: Pipeline, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
                    include_usage: bool, timeout: float, record: RequestRecord, slot: "_Slot"
                    ) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": cid, "created": int(time.time()), "model": self.model_name,
+        head = {"id": cid, "created": int(time.time()), "model": record.model,
                 "route": RouteInfo(path=decision.path, reason=decision.reason)}
 
         def frame(delta: ChatDelta | None, text: str | None, finish: str | None, usage: Usage | None = None) -> bytes:
@@ -397,7 +419,7 @@ class Gateway:
                 yield frame(ChatDelta(role="assistant", content=""), None, None)
             final = None
             end = asyncio.get_running_loop().time() + timeout
-            source = self.pipeline.stream(job, decision, stops, record.stats).__aiter__()
+            source = pipeline.stream(job, decision, stops, record.stats).__aiter__()
             while True:
                 left = end - asyncio.get_running_loop().time()
                 try:

@@ -237,11 +237,12 @@ class MetricSpec:
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("dgserve_requests", "counter", "Requests answered, by route, HTTP status and streaming",
-               ("route", "status", "stream")),
+    MetricSpec("dgserve_requests", "counter", "Requests answered, by model, route, HTTP status and streaming",
+               ("model", "route", "status", "stream")),
     MetricSpec("dgserve_drafter_fallbacks", "counter",
                "Drafter requests served by AR instead (reason: overloaded or error)", ("reason",)),
-    MetricSpec("dgserve_structured_requests", "counter", "Requests with a response_format constraint", ("route",)),
+    MetricSpec("dgserve_structured_requests", "counter", "Requests with a response_format constraint",
+               ("model", "route")),
     MetricSpec("dgserve_draft_validations", "counter",
                "First answers of structured requests checked by the validator (result: valid|invalid)",
                ("route", "result")),
@@ -264,7 +265,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("dgserve_time_to_first_chunk_seconds", "histogram",
                "Time from request to the first streamed text chunk", ("route",), _SECONDS),
     MetricSpec("dgserve_request_duration_seconds", "histogram",
-               "Time from request to the final answer", ("route", "stream"), _SECONDS),
+               "Time from request to the final answer", ("model", "route", "stream"), _SECONDS),
     MetricSpec("dgserve_route_predicted_seconds", "gauge",
                "The router's predicted seconds to a valid answer per path and request shape, at the last "
                "request's load", ("path", "shape")),
@@ -287,6 +288,7 @@ class RequestObservation:
     stats: Stats = field(default_factory=Stats)
     shape: str = ""  # the request shape the router read estimates for ("" : none read)
     predicted: tuple[tuple[str, float, float | None], ...] = ()  # the router's (path, seconds, agreement)
+    model: str = ""  # the model the request named
 
 
 def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, str]]]:
@@ -294,8 +296,10 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
     observed value. Pure, so the mapping is unit-tested without a metrics backend."""
     st = obs.stats
     ev: list[tuple[str, float, dict[str, str]]] = [
-        ("dgserve_requests", 1, {"route": obs.route, "status": str(obs.status), "stream": str(obs.stream).lower()}),
-        ("dgserve_request_duration_seconds", obs.total_s, {"route": obs.route, "stream": str(obs.stream).lower()}),
+        ("dgserve_requests", 1, {"model": obs.model, "route": obs.route, "status": str(obs.status),
+                                 "stream": str(obs.stream).lower()}),
+        ("dgserve_request_duration_seconds", obs.total_s, {"model": obs.model, "route": obs.route,
+                                                           "stream": str(obs.stream).lower()}),
     ]
     if obs.first_chunk_s is not None:
         ev.append(("dgserve_time_to_first_chunk_seconds", obs.first_chunk_s, {"route": obs.route}))
@@ -304,7 +308,7 @@ def metric_events(obs: RequestObservation) -> list[tuple[str, float, dict[str, s
     if st.drafter_error:
         ev.append(("dgserve_drafter_fallbacks", 1, {"reason": "error"}))
     if obs.structured and obs.route != "none":
-        ev.append(("dgserve_structured_requests", 1, {"route": obs.route}))
+        ev.append(("dgserve_structured_requests", 1, {"model": obs.model, "route": obs.route}))
         if st.draft_valid is not None:
             result = "valid" if st.draft_valid else "invalid"
             ev.append(("dgserve_draft_validations", 1, {"route": obs.route, "result": result}))

@@ -18,14 +18,15 @@ from ..streaming import stream_in_thread
 from ..tokens import encode_job
 
 
-def grammar_for(grammar, job: Job, build):
-    """``build()`` a grammar object for ``job``'s constraint, or None when there is none or the
+def grammar_for(decoding, job: Job, build):
+    """``build()`` a decoding object (canvas hook, AR processor, ...) for ``job``'s constraint from
+    ``decoding`` (a :class:`models.decoding.ConstraintDecoding`), or None when there is none or the
     engine cannot compile it (decoding then runs free and validation alone decides). A compile
     that runs past its time cap is the client's problem: a 400."""
     from models.grammar import GrammarError, GrammarTimeout
 
     c = job.constraint
-    if c is None or grammar is None or not grammar.supports(c.kind):
+    if c is None or decoding is None or not decoding.supports(c.kind):
         return None
     try:
         return build()
@@ -48,7 +49,7 @@ class TransformersDrafter:
     by ``speculative`` (a :class:`models.speculative.SpeculativeDecoder`: verifier in this process,
     sharing the drafter's cache) or by ``rounds`` (a :class:`RoundSpeculation`: verifier elsewhere)."""
 
-    def __init__(self, drafter, speculative=None, grammar=None, rounds: RoundSpeculation | None = None,
+    def __init__(self, drafter, speculative=None, decoding=None, rounds: RoundSpeculation | None = None,
                  work: WorkTracker | None = None):
         self.drafter = drafter
         self.work = work or WorkTracker()
@@ -56,12 +57,12 @@ class TransformersDrafter:
         self.speculative = speculative
         self.rounds = rounds
         self.sampled_verify = rounds is None and speculative is not None
-        self.grammar = grammar  # canvas-aware drafting for constrained jobs when set
+        self.decoding = decoding  # canvas-aware drafting for constrained jobs when set
 
     def _hook(self, job: Job):
         c = job.constraint
-        return grammar_for(self.grammar, job,
-                           lambda: self.grammar.canvas_hook(c.kind, c.spec, self.drafter.canvas_length))
+        return grammar_for(self.decoding, job,
+                           lambda: self.decoding.canvas_hook(c.kind, c.spec, self.drafter.canvas_length))
 
     def _spec(self):
         if self.speculative is None:
@@ -138,24 +139,24 @@ class TransformersAR:
     (:class:`models.ar_batch.ARBatcher`): generate, stream, repair and fallback requests join and
     leave one running batch per decode step, each with its own grammar matcher, budget and seed.
 
-    With a ``grammar`` (:class:`models.grammar.GrammarEngine`), jobs with a constraint the engine
-    supports decode under it, valid by construction; ``repair`` continues a draft under the
-    grammar from the longest prefix the grammar accepts.
+    With ``decoding`` (a :class:`models.decoding.ConstraintDecoding`), jobs with a constraint it
+    supports decode under it (a grammar: valid by construction; Sudoku: the per-cell digit masks);
+    ``repair`` continues a draft under it from the longest prefix it accepts.
     """
 
-    def __init__(self, verifier, grammar=None, work: WorkTracker | None = None, batcher=None,
+    def __init__(self, verifier, decoding=None, work: WorkTracker | None = None, batcher=None,
                  max_num_seqs: int = 8):
         from models.ar_batch import ARBatcher
 
         self.verifier = verifier
         self.work = work or WorkTracker()
         self.tokenizer = verifier.tokenizer
-        self.grammar = grammar
+        self.decoding = decoding
         self.batcher = batcher or ARBatcher(verifier, max_num_seqs)
 
     def _processor(self, job: Job, prefix: Sequence[int] = ()):
         c = job.constraint
-        return grammar_for(self.grammar, job, lambda: self.grammar.processor(c.kind, c.spec, prefix))
+        return grammar_for(self.decoding, job, lambda: self.decoding.processor(c.kind, c.spec, prefix))
 
     async def _run(self, job: Job, prompt: list[int], prefix: list[int], budget: int) -> TextResult:
         processor = await asyncio.to_thread(self._processor, job, prefix)  # a compile may take a while
@@ -180,7 +181,7 @@ class TransformersAR:
         c = job.constraint
         ids = (list(draft.token_ids) if draft.token_ids is not None
                else self.tokenizer(draft.text, add_special_tokens=False)["input_ids"])[: job.max_tokens - 1]
-        return ids, grammar_for(self.grammar, job, lambda: self.grammar.longest_prefix(c.kind, c.spec, ids))
+        return ids, grammar_for(self.decoding, job, lambda: self.decoding.longest_prefix(c.kind, c.spec, ids))
 
     async def repair(self, job: Job, draft: TextResult) -> TextResult:
         """Keep the longest draft prefix the grammar accepts; AR continues under the grammar."""

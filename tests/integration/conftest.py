@@ -48,8 +48,12 @@ def app_url(ray_cluster):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # a 20 ms batching window makes concurrent requests meet in one denoising batch deterministically
+    # the second model of serve_config.yaml: the Sudoku checkpoint, routed by the static rules
+    sudoku = {"name": "dgserve-sudoku", "router": {"policy": "static"},
+              "drafter": {"checkpoint": "dg-sudoku", "device": "cpu", "dtype": "float32",
+                          "replica": {"num_cpus": 0.3, "max_ongoing_requests": 16}}}
     args = {"drafter": {"device": "cpu", "dtype": "float32", "batch_wait_timeout_s": 0.02},
-            "limits": {"max_tokens": 256, "default_max_tokens": 128}}
+            "limits": {"max_tokens": 256, "default_max_tokens": 128}, "models": [sudoku]}
     serve.run(build_app(args), name="dgserve", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, 60)

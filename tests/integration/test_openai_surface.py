@@ -9,6 +9,7 @@ from models import tasks
 from tests.apps import measured_route
 
 MODEL = "dgserve-tiny"
+SUDOKU_MODEL = "dgserve-sudoku"
 JSON_EX = [e for e in tasks.examples("eval", 31, 40, kind="json")][:3]
 PROSE_EX = tasks.example("eval", 31, 0, kind="prose")
 
@@ -76,8 +77,23 @@ def test_each_forced_route_is_honoured(client, route):
     assert raw.parse().model_dump()["route"] == {"path": route, "reason": "requested by the client"}
 
 
-def test_models_lists_the_served_model(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+def test_models_lists_the_served_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL, SUDOKU_MODEL]
+
+
+def test_the_sudoku_model_solves_a_held_out_puzzle(client):
+    """The second model, chosen by ``model``: a held-out puzzle with ``response_format`` sudoku comes
+    back solved, drafted by the Sudoku checkpoint under the board's constraints."""
+    from models import sudoku
+    from pipeline.validation import SudokuValidator
+
+    p = sudoku.puzzles("eval", 21, 1, "medium")[0]
+    raw = client.chat.completions.with_raw_response.create(
+        model=SUDOKU_MODEL, messages=[{"role": "user", "content": sudoku.prompt(p.puzzle)}],
+        response_format={"type": "sudoku", "sudoku": {"puzzle": p.puzzle}}, max_tokens=100)
+    resp = raw.parse()
+    assert resp.model == SUDOKU_MODEL and raw.headers["x-route"].startswith("diffusion")
+    assert SudokuValidator().validate(p.puzzle, resp.choices[0].message.content).ok
 
 
 def test_completions_endpoint(client):

@@ -49,7 +49,10 @@ class Pin:
     def pins(self, canvas_index, committed):
         return {i: t for i, t in enumerate(self.ids)} if canvas_index == 0 else {}
 
-    def mask(self, canvas_index, step, committed, logits):
+    def mask(self, canvas_index, step, committed, logits, state):
+        return None
+
+    def review(self, canvas_index, step, committed, after):
         return None
 
 
@@ -62,7 +65,10 @@ class NoEosInFirstCanvas:
     def pins(self, canvas_index, committed):
         return {}
 
-    def mask(self, canvas_index, step, committed, logits):
+    def review(self, canvas_index, step, committed, after):
+        return None
+
+    def mask(self, canvas_index, step, committed, logits, state):
         self.calls += 1
         if canvas_index > 0:
             return None

@@ -58,7 +58,7 @@ def test_one_real_width_layer_runs_the_whole_pipeline(real):
     drafter = DiffusionDrafter(model, tokenizer, DraftSettings(max_steps=1, confidence_threshold=-1.0))
     verifier = ARVerifier.from_diffusion_model(model, tokenizer)
     pipe = local_pipeline(drafter, verifier, Wiring(grammar_compile_timeout_s=30, verify_draft_steps=1))
-    assert pipe.ar.grammar.backends[0].first_byte.shape[0] == REAL.vocab_size
+    assert pipe.ar.decoding.grammar.backends[0].first_byte.shape[0] == REAL.vocab_size
     job = Job(messages=(("user", "Is Paris a city? Answer as JSON."),), prompt=None, max_tokens=12,
               constraint=Constraint("json_schema", SCHEMA))
     stats = Stats()

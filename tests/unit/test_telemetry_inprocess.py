@@ -54,10 +54,10 @@ def test_metric_events_map_a_request_to_every_metric():
     obs = RequestObservation("diffusion", 200, True, True, 1.5, 0.2,
                              Stats(draft_valid=False, repair_used=True, canvas_steps=(3, 5),
                                    tokens_per_forward=4.0, accepted=(6, 2), drafter_overloaded=True,
-                                   drafts=2, verifier_forwards_per_token=0.375))
+                                   drafts=2, verifier_forwards_per_token=0.375), model="dgserve-tiny")
     ev = metric_events(obs)
     names = [n for n, _, _ in ev]
-    assert ("dgserve_requests", 1, {"route": "diffusion", "status": "200", "stream": "true"}) in ev
+    assert ("dgserve_requests", 1, {"model": "dgserve-tiny", "route": "diffusion", "status": "200", "stream": "true"}) in ev
     assert ("dgserve_draft_validations", 1, {"route": "diffusion", "result": "invalid"}) in ev
     assert ("dgserve_drafter_fallbacks", 1, {"reason": "overloaded"}) in ev
     assert [v for n, v, _ in ev if n == "dgserve_denoising_steps_per_canvas"] == [3, 5]
@@ -98,7 +98,7 @@ def test_failed_structured_request_leaves_one_trace_and_its_metrics(gateway, spa
         assert s.parent.span_id == parent.context.span_id, name
     assert len(by["validator.validate"]) == 3
     events = gateway.metrics.events
-    assert ("dgserve_requests", 1, {"route": "diffusion", "status": "422", "stream": "false"}) in events
+    assert ("dgserve_requests", 1, {"model": "dgserve-tiny", "route": "diffusion", "status": "422", "stream": "false"}) in events
     assert ("dgserve_repairs", 1, {}) in events and ("dgserve_structured_fallbacks", 1, {}) in events
     assert ("dgserve_draft_validations", 1, {"route": "diffusion", "result": "invalid"}) in events
 
