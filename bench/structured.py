@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     drafter = DiffusionDrafter.from_pretrained()
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
     pipe = local_pipeline(drafter, ar)
-    grammar = pipe.ar.grammar
+    grammar = pipe.ar.decoding.grammar
     exs = list(tasks.examples("eval", a.seed, a.n, kind="json"))
     rows: dict[str, dict] = {}
 
