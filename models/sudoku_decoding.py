@@ -10,8 +10,9 @@ digit sets for both paths (``models/sudoku.py:PEERS``):
   leave no digit falls back to the digits the clues and committed cells allow, so that a wrong
   acceptance can be undone. After the sampler's update, the accepted cells are kept in order of
   entropy while each agrees with the fixed cells and those kept before it; a cell in conflict is
-  renoised instead of accepted, and so are the kept peers of an open cell left with no digit.
-  Entropy does the ordering: a cell with one digit left has entropy 0 and is accepted first;
+  renoised instead of accepted. An open cell left with no digit means a wrong guess among the
+  kept cells: the canvas starts afresh (every kept cell renoised; clues stay pinned). Entropy
+  does the ordering: a cell with one digit left has entropy 0 and is accepted first;
 * in AR decoding (:class:`SudokuProcessor`): the next cell is masked to the digits the clues and
   the cells already written allow (a dead end allows every digit, and validation refuses it).
 
@@ -127,7 +128,7 @@ class SudokuCanvasHook:
     def review(self, canvas_index: int, step: int, committed: Sequence[int], after) -> torch.Tensor | None:
         """Accepted cells are kept in order of entropy, most certain first (ties: by position), while
         each agrees with the fixed cells and the cells kept before it; the rest are refused. Then
-        an open cell the kept cells leave no digit refuses its kept peers."""
+        an open cell the kept cells leave no digit refuses every kept cell (a fresh start)."""
         fixed = self.digits.board(self.puzzle, committed)
         start = len(committed)
         tokens, accepted = after.tokens.tolist(), after.accepted.tolist()
@@ -147,10 +148,11 @@ class SudokuCanvasHook:
                 kept.append(pos)
             else:
                 refuse.add(pos)
-        for cell in open_cells:
-            if not (ALL & ~_peer_bits(board, cell)):  # no digit left: free its kept peers
-                refuse.update(p - start for p in PEERS[cell] if 0 <= p - start < self.canvas_length
-                              and not fixed[p] and board[p])
+        if any(not (ALL & ~_peer_bits(board, cell)) for cell in open_cells):
+            # an open cell with no digit left: the kept cells hold a wrong guess somewhere, and the
+            # cells derived from it support it (each one's mask excludes the others' digits), so
+            # freeing the dead cell's peers alone rebuilds the same board: start the canvas afresh
+            refuse.update(kept)
         self.renoised += len(refuse)
         return torch.tensor(sorted(refuse), dtype=torch.long) if refuse else None
 
