@@ -202,17 +202,23 @@ def _with_clues(rng: random.Random, carved: list[int], grid: list[int], clues: i
     return "".join(map(str, b))
 
 
-def puzzle(split: Split, seed: int, index: int, difficulty: Difficulty) -> Puzzle:
-    """The ``index``-th puzzle of ``difficulty`` in ``split``: deterministic, unique solution."""
-    lo, hi = DIFFICULTIES[difficulty]
+def _grids(key: str, split: Split) -> Iterator[tuple[random.Random, list[int], str]]:
+    """Seeded full grids of ``split``: ``(rng, grid, solution)``, the ``i``-th draw seeded by
+    ``key:i`` (draws whose board belongs to the other split are skipped)."""
     attempt = 0
     while True:
-        rng = random.Random(f"sudoku:{split}:{seed}:{difficulty}:{index}:{attempt}")
+        rng = random.Random(f"{key}:{attempt}")
         attempt += 1
         grid = _full_grid(rng)
         sol = "".join(map(str, grid))
-        if split_of(sol) != split:
-            continue
+        if split_of(sol) == split:
+            yield rng, grid, sol
+
+
+def puzzle(split: Split, seed: int, index: int, difficulty: Difficulty) -> Puzzle:
+    """The ``index``-th puzzle of ``difficulty`` in ``split``: deterministic, unique solution."""
+    lo, hi = DIFFICULTIES[difficulty]
+    for rng, grid, sol in _grids(f"sudoku:{split}:{seed}:{difficulty}:{index}", split):
         clues = rng.randint(lo, hi)
         carved = carve(rng, grid, clues)
         if 81 - carved.count(0) > clues:
@@ -257,14 +263,7 @@ def training_stream(seed: int, per_grid: int = 48, clue_range: tuple[int, int] =
     """Endless training puzzles: each carved grid gives ``per_grid`` puzzles, each a random symmetry
     of it with clues put back up to a count drawn from ``clue_range``; a symmetric image whose board
     falls in the evaluation split is skipped."""
-    index = 0
-    while True:
-        rng = random.Random(f"sudoku-train:{seed}:{index}")
-        index += 1
-        grid = _full_grid(rng)
-        sol = "".join(map(str, grid))
-        if split_of(sol) != "train":
-            continue
+    for rng, grid, sol in _grids(f"sudoku-train:{seed}", "train"):
         carved = carve(rng, grid, clue_range[0])
         base = Puzzle("".join(map(str, carved)), sol)
         made = 0

@@ -232,13 +232,13 @@ def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: fl
           implementation: str = "eager", noise_draws: int = 1,
           prefix_p: float = 0.0, noise_power: float = 1.0,
           confidence_threshold: float = CONFIDENCE_THRESHOLD, task: str = "extraction",
-          init: Path | None = None, state: Path | None = None,
+          init: Path | None = None, state: Path | None = None, save_every: int = 100,
           generation_config=None) -> tuple[object, object, list[float]]:
     """Train and (when ``out`` is set) save model, generation config and tokenizer to ``out``.
 
     ``task``: ``extraction`` (``models/tasks.py``) or ``sudoku`` (``models/sudoku.py``; one token
     per cell). ``init``: a checkpoint to fine-tune (its tokenizer too) instead of fresh weights;
-    ``spec.canvas_length`` is set on it. ``state``: a file the run saves itself to every 100 steps
+    ``spec.canvas_length`` is set on it. ``state``: a file the run saves itself to every ``save_every`` steps
     (weights, optimizer, step, random state) and resumes from when it exists, so a run cut short
     goes on where it stopped; the data stream is replayed to the saved step.
     ``implementation``: ``sdpa`` (attention by torch SDPA, experts by transformers' default) or
@@ -292,7 +292,7 @@ def train(out: Path | None, spec: ModelSpec, steps: int, batch_size: int, lr: fl
     start = time.monotonic()
     bar = tqdm(range(first, steps), disable=not progress, desc="train", mininterval=5)
     for step in bar:
-        if state is not None and step > first and step % 100 == 0:
+        if state is not None and step > first and step % save_every == 0:
             tmp = state.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "losses": losses, "rng": rng.getstate(), "gen": gen.get_state(),

@@ -84,3 +84,27 @@ def test_committed_generation_config_is_what_the_trainer_writes():
     settings = DraftSettings.from_generation_config(default_generation_config())
     assert settings.confidence_threshold == committed["confidence_threshold"] == 0.05
     assert settings.max_steps == committed["max_denoising_steps"]
+
+
+def test_a_run_cut_short_resumes_from_its_state_to_the_same_losses(tmp_path):
+    """Sudoku fine-tuning with a state file: a second run on the same state picks up at the saved
+    step (weights, optimizer, random state and data stream) and computes the same losses."""
+    from models.tokenizer import train_tokenizer
+    from models import tasks
+
+    tok = train_tokenizer(tasks.corpus_lines(300, 0), MICRO.vocab_size)
+    state = tmp_path / "state.pt"
+    kw = dict(spec=MICRO, steps=3, batch_size=2, lr=3e-3, seed=0, progress=False, task="sudoku",
+              tokenizer=tok, state=state, save_every=2)
+    import torch
+
+    _, _, whole = train(None, **kw)
+    saved = torch.load(state, weights_only=False)  # saved before step 2
+    assert saved["step"] == 2 and saved["losses"] == whole[:2]
+    saved["losses"] = [101.0, 102.0]  # marks what the second run takes from the state
+    torch.save(saved, state)
+    _, sudoku_tok, resumed = train(None, **kw)  # starts at step 2: one step to go
+    assert resumed[:2] == [101.0, 102.0]
+    # step 2 from the restored weights, optimizer, random state and data: the uninterrupted run's loss
+    assert abs(resumed[2] - whole[2]) < 1e-5
+    assert len(sudoku_tok("123456789", add_special_tokens=False)["input_ids"]) == 9  # one token per cell
