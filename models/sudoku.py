@@ -28,41 +28,25 @@ Difficulty = Literal["easy", "medium", "hard"]
 
 # clue counts per grade (inclusive)
 DIFFICULTIES: dict[str, tuple[int, int]] = {"easy": (40, 50), "medium": (32, 39), "hard": (25, 31)}
-DIGITS = "123456789"
 ALL = 0x1FF  # the nine digits as bits: bit d-1 for digit d
 
-
-def _peers() -> tuple[tuple[int, ...], ...]:
-    out = []
-    for i in range(81):
-        r, c = divmod(i, 9)
-        b0 = (r // 3 * 3) * 9 + c // 3 * 3
-        box = {b0 + dr * 9 + dc for dr in range(3) for dc in range(3)}
-        out.append(tuple(sorted(({r * 9 + k for k in range(9)} | {k * 9 + c for k in range(9)} | box) - {i})))
-    return tuple(out)
-
-
-PEERS = _peers()
+# the 27 units: rows, then columns, then 3x3 boxes (row-major inside each)
 UNITS: tuple[tuple[int, ...], ...] = tuple(
     [tuple(r * 9 + c for c in range(9)) for r in range(9)]
     + [tuple(r * 9 + c for r in range(9)) for c in range(9)]
     + [tuple((b // 3 * 3 + k // 3) * 9 + b % 3 * 3 + k % 3 for k in range(9)) for b in range(9)])
+# each cell's 20 peers: the other cells of its three units
+PEERS: tuple[tuple[int, ...], ...] = tuple(
+    tuple(sorted({c for u in UNITS if i in u for c in u} - {i})) for i in range(81))
 
 
-def candidates(board: list[int]) -> list[int]:
-    """Per cell, the digits (as a 9-bit set) its peers leave open; a filled cell gets its own digit.
-    ``board``: 81 ints, 0 blank."""
-    out = []
-    for i, v in enumerate(board):
-        if v:
-            out.append(1 << (v - 1))
-            continue
-        used = 0
-        for p in PEERS[i]:
-            if board[p]:
-                used |= 1 << (board[p] - 1)
-        out.append(ALL & ~used)
-    return out
+def peer_bits(board: list[int], cell: int) -> int:
+    """The digits (a 9-bit set) ``cell``'s peers hold on ``board`` (81 ints, 0 blank)."""
+    used = 0
+    for p in PEERS[cell]:
+        if board[p]:
+            used |= 1 << (board[p] - 1)
+    return used
 
 
 def conflicts(board: list[int]) -> set[int]:
@@ -281,19 +265,6 @@ PROMPT = "Solve this sudoku (0 is a blank, rows left to right, top to bottom): {
 
 def prompt(puzzle_text: str) -> str:
     return PROMPT.format(puzzle=puzzle_text)
-
-
-def puzzle_in(text: str) -> str | None:
-    """The first run of 81 board characters in ``text`` (a prompt), or None."""
-    run = []
-    for ch in text:
-        if ch in "0123456789.":
-            run.append(ch)
-            if len(run) == 81:
-                return "".join(run).replace(".", "0")
-        else:
-            run = []
-    return None
 
 
 def cell_tokenizer(tokenizer):

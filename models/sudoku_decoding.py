@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from .constraints import ConstraintKind
-from .sudoku import ALL, PEERS, parse
+from .sudoku import ALL, PEERS, parse, peer_bits
 
 
 class SudokuDigits:
@@ -53,21 +53,13 @@ class SudokuDigits:
             self._rows[bits] = row
         return row
 
-    def board(self, puzzle: str, committed: Sequence[int]) -> list[int]:
-        """The clues and the digits of the cells committed so far (81 ints, 0 open)."""
-        b = parse(puzzle)
+    def board(self, clues: list[int], committed: Sequence[int]) -> list[int]:
+        """The clues (81 ints, 0 open) and the digits of the cells committed so far."""
+        b = list(clues)
         for cell, t in enumerate(list(committed)[:81]):
             if not b[cell]:
                 b[cell] = self.value.get(int(t), 0)
         return b
-
-
-def _peer_bits(board: list[int], cell: int) -> int:
-    used = 0
-    for p in PEERS[cell]:
-        if board[p]:
-            used |= 1 << (board[p] - 1)
-    return used
 
 
 class SudokuCanvasHook:
@@ -75,10 +67,8 @@ class SudokuCanvasHook:
 
     def __init__(self, digits: SudokuDigits, puzzle: str, canvas_length: int):
         self.digits = digits
-        self.puzzle = puzzle
         self.clues = parse(puzzle)
         self.canvas_length = canvas_length
-        self.renoised = 0  # cells refused by review, for tests and benchmarks
 
     def _cells(self, committed: Sequence[int]) -> range:
         """Canvas position p holds cell ``len(committed) + p``."""
@@ -97,7 +87,7 @@ class SudokuCanvasHook:
 
     def _boards(self, committed: Sequence[int], state) -> tuple[list[int], list[int], list[int]]:
         """(fixed board: clues + committed, board with the accepted cells too, open positions)."""
-        fixed = self.digits.board(self.puzzle, committed)
+        fixed = self.digits.board(self.clues, committed)
         board = list(fixed)
         tokens, accepted = state.tokens.tolist(), state.accepted.tolist()
         open_positions = []
@@ -119,9 +109,9 @@ class SudokuCanvasHook:
         rows = []
         for pos in open_positions:
             cell = start + pos
-            bits = ALL & ~_peer_bits(board, cell)
+            bits = ALL & ~peer_bits(board, cell)
             if not bits:
-                bits = ALL & ~_peer_bits(fixed, cell) or ALL
+                bits = ALL & ~peer_bits(fixed, cell) or ALL
             rows.append(self.digits.allowed_row(bits))
         return PositionMask(torch.tensor(open_positions), torch.stack(rows))
 
@@ -129,7 +119,7 @@ class SudokuCanvasHook:
         """Accepted cells are kept in order of entropy, most certain first (ties: by position), while
         each agrees with the fixed cells and the cells kept before it; the rest are refused. Then
         an open cell the kept cells leave no digit refuses every kept cell (a fresh start)."""
-        fixed = self.digits.board(self.puzzle, committed)
+        fixed = self.digits.board(self.clues, committed)
         start = len(committed)
         tokens, accepted = after.tokens.tolist(), after.accepted.tolist()
         entropy = after.entropy.tolist() if after.entropy is not None else [0.0] * len(tokens)
@@ -148,12 +138,11 @@ class SudokuCanvasHook:
                 kept.append(pos)
             else:
                 refuse.add(pos)
-        if any(not (ALL & ~_peer_bits(board, cell)) for cell in open_cells):
+        if any(not (ALL & ~peer_bits(board, cell)) for cell in open_cells):
             # an open cell with no digit left: the kept cells hold a wrong guess somewhere, and the
             # cells derived from it support it (each one's mask excludes the others' digits), so
             # freeing the dead cell's peers alone rebuilds the same board: start the canvas afresh
             refuse.update(kept)
-        self.renoised += len(refuse)
         return torch.tensor(sorted(refuse), dtype=torch.long) if refuse else None
 
 
@@ -162,7 +151,7 @@ class SudokuProcessor:
 
     def __init__(self, digits: SudokuDigits, puzzle: str, prefix: Sequence[int] = ()):
         self.digits = digits
-        self.puzzle = puzzle
+        self.clues = parse(puzzle)
         self.prefix = list(prefix)
         self.choices = 0  # model choices made (forwards after the prompt), for benchmarks
 
@@ -170,9 +159,8 @@ class SudokuProcessor:
         """Clues are forced: the run of clue cells from the next cell on, fed without a model choice."""
         out: list[int] = []
         cell = len(self.prefix) + len(generated)
-        clues = parse(self.puzzle)
-        while cell < 81 and clues[cell] and len(out) < room:
-            out.append(self.digits.ids[clues[cell] - 1])
+        while cell < 81 and self.clues[cell] and len(out) < room:
+            out.append(self.digits.ids[self.clues[cell] - 1])
             cell += 1
         return out
 
@@ -184,9 +172,9 @@ class SudokuProcessor:
             allowed = torch.zeros(self.digits.vocab_size, dtype=torch.bool)
             allowed[self.digits.eos_id] = True
         else:
-            board = self.digits.board(self.puzzle, written)
-            clue = parse(self.puzzle)[cell]
-            bits = (1 << (clue - 1)) if clue else (ALL & ~_peer_bits(board, cell)) or ALL
+            board = self.digits.board(self.clues, written)
+            clue = self.clues[cell]
+            bits = (1 << (clue - 1)) if clue else (ALL & ~peer_bits(board, cell)) or ALL
             allowed = self.digits.allowed_row(bits)
         return logits.masked_fill(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
 

@@ -423,15 +423,14 @@ class SudokuValidator:
 
     @staticmethod
     def _conflicts(board: str) -> list[str]:
-        units = [("row", r, [r * 9 + c for c in range(9)]) for r in range(9)]
-        units += [("column", c, [r * 9 + c for r in range(9)]) for c in range(9)]
-        units += [("box", b, [(b // 3 * 3 + i // 3) * 9 + b % 3 * 3 + i % 3 for i in range(9)]) for b in range(9)]
+        from models.sudoku import UNITS  # rows, then columns, then boxes
+
         out = []
-        for name, idx, cells in units:
+        for u, cells in enumerate(UNITS):
             digits = [board[i] for i in cells if board[i] != "0"]
             dup = sorted({d for d in digits if digits.count(d) > 1})
             if dup:
-                out.append(f"{name} {idx + 1} repeats {', '.join(dup)}")
+                out.append(f"{('row', 'column', 'box')[u // 9]} {u % 9 + 1} repeats {', '.join(dup)}")
         return out
 
     def validate(self, spec: Any, text: str) -> Verdict:
