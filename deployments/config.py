@@ -260,6 +260,9 @@ class AppArgs(_Strict):
     limits: LimitArgs = LimitArgs()
     auth: AuthArgs = AuthArgs()
     ingress: ReplicaArgs = ReplicaArgs(num_cpus=0.2, max_ongoing_requests=64, max_queued_requests=128)
+    # GET /playground and POST /v1/playground/runs: a page that traces one request's run live
+    # (pipeline/watch.py); off unless asked for (it shows prompts, drafts and schemas to its reader)
+    playground: bool = False
 
     @model_validator(mode="after")
     def _vllm_drafter_needs_causal_verifier(self):

@@ -5,6 +5,7 @@ HTTP rule), the OpenAPI document, and the breaker's watch on the drafter."""
 import asyncio
 import os
 from functools import partial
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -115,12 +116,29 @@ async def _require_key(request: Request, call_next):
     needs it; the Gateway checks the generation endpoints again itself."""
     gateway = getattr(request.app.state, "gateway", None)
     path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
-    if gateway is not None and gateway.api_key is not None and path != "/health":
+    if gateway is not None and gateway.api_key is not None and path != "/health" and not _open_page(request, path):
         try:
             gateway.authorize(request.headers)
         except PipelineError as e:
             return _respond(error_reply(e))
     return await call_next(request)
+
+
+def _open_page(request: Request, path: str) -> bool:
+    """The playground's static files (no data in them; the page sends the key with each run)."""
+    return request.method == "GET" and (path == "/playground" or path.startswith("/playground/"))
+
+
+PLAYGROUND = resources.files("deployments") / "playground"
+_ASSETS = {"index.html": "text/html", "playground.js": "text/javascript", "playground.css": "text/css"}
+
+
+def playground_file(name: str) -> Response:
+    """A file of the playground page (``deployments/playground/``, shipped in the package)."""
+    if name not in _ASSETS:
+        return _respond(error_reply(HTTPStatusError(404, f"no playground file {name!r}")))
+    return Response((PLAYGROUND / name).read_bytes(), media_type=_ASSETS[name],
+                    headers={"cache-control": "no-cache"})
 
 
 def _respond(reply: Reply) -> Response:
@@ -157,7 +175,7 @@ class Ingress:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
         default = pipelines.pop(args.model_name)
         self.gateway = Gateway(default, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
-                               ServeMetrics(), others=pipelines)
+                               ServeMetrics(), others=pipelines, playground=args.playground)
         # ``http`` here is the app this replica serves (Ray Serve deploys a copy of the module's)
         http.state.gateway = self.gateway
         http.openapi = partial(openapi_document, http, args.model_names())
@@ -186,6 +204,28 @@ class Ingress:
     async def completions(self, request: Request) -> Response:
         self._watch()
         return _respond(await self.gateway.completions(await request.body(), request.headers))
+
+    @http.post("/v1/playground/runs", openapi_extra=_body(ChatCompletionRequest),
+               responses={200: {"content": _SSE, "description": "the run's trace: named events, ending with "
+                                "final (a ChatCompletion) or error"},
+                          **{code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()}})
+    async def playground_run(self, request: Request) -> Response:
+        """One chat completion request, answered as the live trace of its run (``pipeline/watch.py``)."""
+        self._watch()
+        return _respond(await self.gateway.playground_run(await request.body(), request.headers))
+
+    @http.get("/playground", include_in_schema=False)
+    async def playground(self) -> Response:
+        return self._page("index.html")
+
+    @http.get("/playground/{name}", include_in_schema=False)
+    async def playground_asset(self, name: str) -> Response:
+        return self._page(name)
+
+    def _page(self, name: str) -> Response:
+        if not self.gateway.playground:
+            return _respond(error_reply(HTTPStatusError(404, "the playground is not enabled on this deployment")))
+        return playground_file(name)
 
     @http.get("/v1/models", responses={200: {"model": ModelList}, 401: {"model": ErrorResponse}})
     async def models(self, request: Request) -> Response:

@@ -30,7 +30,14 @@ def endpoint(config: Path) -> tuple[str, str]:
     return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", model
 
 
-def banner(url: str, model: str) -> str:
+def playground_enabled(config: Path) -> bool:
+    """The config turns the playground page on (``args.playground``)."""
+    doc = yaml.safe_load(config.read_text()) or {}
+    app = (doc.get("applications") or [{}])[0]
+    return bool((app.get("args") or {}).get("playground"))
+
+
+def banner(url: str, model: str, playground: bool = False) -> str:
     body = json.dumps({"model": model, "max_tokens": 48,
                        "messages": [{"role": "user", "content": "Describe Paris in a few words."}]})
     return "\n".join([
@@ -38,6 +45,7 @@ def banner(url: str, model: str) -> str:
         f"dgserve is up: {url}",
         f"  API docs    {url}/docs   (OpenAPI: {url}/openapi.json)",
         f"  health      {url}/health",
+        *([f"  playground  {url}/playground   (watch a request's canvas denoise)"] if playground else []),
         "  try         curl -s " + f"{url}/v1/chat/completions -H 'content-type: application/json' -d '{body}'",
         "  stop        Ctrl-C",
         "",
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + args.ready_timeout_s
         while child.poll() is None and time.monotonic() < deadline:
             if healthy(url):
-                print(banner(url, model), flush=True)
+                print(banner(url, model, playground_enabled(config)), flush=True)
                 break
             time.sleep(1)
         else:

@@ -9,7 +9,8 @@ keeps its state explicit per row so that:
   argmax, not only samples);
 * rows that hit ``<eos>`` or their token budget leave the batch, and each row reports its own
   steps per canvas, tokens per forward and timings;
-* a callback sees every committed canvas (streaming by canvas).
+* a callback sees every committed canvas (streaming by canvas), and another, where one is given,
+  every denoising step of every row (the playground's view; nothing is copied when none is).
 """
 
 from __future__ import annotations
@@ -128,6 +129,22 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class StepView:
+    """One row's canvas after one denoising step, as a watcher sees it (``on_step``)."""
+
+    row: int  # the prompt's index in the batch
+    canvas_index: int
+    step: int
+    argmax: torch.Tensor  # [canvas] long: the step's argmax canvas
+    accepted: torch.Tensor  # [canvas] bool: positions accepted for the next step (after any review)
+    entropy: torch.Tensor  # [canvas] float32 nats
+
+
+# called with each step of each active row, in the denoising thread: it must be quick
+StepCallback = Callable[[StepView], None]
+
+
+@dataclass(frozen=True)
 class CanvasOutcome:
     """What denoising one canvas returns (the rows it was given are not changed)."""
 
@@ -153,6 +170,7 @@ class DraftRow:
     total_s: float = 0.0
     deadline: float | None = None  # time.time() after which the row stops (models/deadline.py)
     expired: bool = False
+    index: int = 0  # the row's prompt index in the draft call
 
 
 class DiffusionDrafter:
@@ -204,10 +222,12 @@ class DiffusionDrafter:
         seed: int | None = None,
         on_canvas: Callable[[int, int, list[int]], None] | None = None,
         deadlines: Sequence[float | None] | None = None,
+        on_step: StepCallback | None = None,
     ) -> list[Draft]:
         """Draft continuations of token-id ``prompts`` (one batch).
 
-        ``on_canvas(row, canvas_index, new_token_ids)`` is called as each canvas is committed.
+        ``on_canvas(row, canvas_index, new_token_ids)`` is called as each canvas is committed;
+        ``on_step`` with a :class:`StepView` of each active row after each denoising step.
         A row past its ``deadlines`` entry leaves the batch at the next denoising step
         (``Draft.expired``).
         """
@@ -223,7 +243,8 @@ class DiffusionDrafter:
         seed = seed if seed is not None else int(torch.randint(0, 2**31, (1,)).item())
         start = time.perf_counter()
         deadlines = list(deadlines) if deadlines is not None else [None] * len(prompts)
-        rows = [DraftRow(len(p), b, h, deadline=t) for p, b, h, t in zip(prompts, budgets, hooks, deadlines)]
+        rows = [DraftRow(len(p), b, h, deadline=t, index=i)
+                for i, (p, b, h, t) in enumerate(zip(prompts, budgets, hooks, deadlines))]
         canvas_len = self.canvas_length
 
         ids, mask = left_padded(prompts, self.pad_id, dev)  # every row's answer starts at `width`
@@ -235,7 +256,8 @@ class DiffusionDrafter:
 
         canvas_index = 0
         while active:
-            out = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, seed)
+            out = self.denoise_canvas(cache, mask, cur_len, [rows[r] for r in active], canvas_index, seed,
+                                      on_step=on_step)
             committed = out.argmax
             now = time.perf_counter() - start
             for b, r in enumerate(active):
@@ -326,11 +348,13 @@ class DiffusionDrafter:
         return dec.norm(h)
 
     def denoise_canvas(self, cache, ctx_mask: torch.Tensor, cur_len: int, rows: list[DraftRow],
-                       canvas_index: int, seed: int, settings: DraftSettings | None = None) -> CanvasOutcome:
+                       canvas_index: int, seed: int, settings: DraftSettings | None = None,
+                       on_step: StepCallback | None = None) -> CanvasOutcome:
         """Denoise one canvas after the ``cur_len`` tokens in ``cache`` (``ctx_mask`` [batch, cur_len]
         marks real ones) for the active ``rows`` (read only: their hooks, committed tokens and
         deadlines); returns a :class:`CanvasOutcome` (the committed argmax, the forwards each row
-        spent, the rows stopped at their deadline). Randomness is a pure function of
+        spent, the rows stopped at their deadline); ``on_step`` sees each active row after each
+        step. Randomness is a pure function of
         ``(seed, canvas_index, step)`` (``kernels/rng.py``)."""
         s = settings or self.settings
         dev = ctx_mask.device
@@ -396,6 +420,10 @@ class DiffusionDrafter:
                         next_canvas, next_accepted = st.canvas.clone(), st.accepted.clone()
                     next_canvas[b, refused] = rng.random_tokens(step_seed ^ 0x2E7013E, cells[b, refused], vocab)
                     next_accepted[b, refused] = False
+            if on_step is not None:
+                for b, row in enumerate(rows):
+                    if not done[b]:
+                        on_step(StepView(row.index, canvas_index, step, st.argmax[b], next_accepted[b], st.entropy[b]))
             same = (st.argmax == argmax).all(-1) & ~unsettled  # a canvas with refused cells has not settled
             repeats = torch.where(done, repeats, torch.where(same, repeats + 1, torch.zeros_like(repeats)))
             stable = repeats >= s.stability_threshold

@@ -63,6 +63,7 @@ class SpeculativeResult:
     total_s: float
     round_steps: tuple[int, ...] = ()  # denoising steps of each round's draft
     round_ends_s: tuple[float, ...] = ()  # seconds from the start to the end of each round
+    corrections: tuple[int | None, ...] = ()  # each round's correction token (None: the decode ended)
 
     @property
     def mean_accepted(self) -> float:
@@ -115,6 +116,7 @@ def _round_loop(prompt: Sequence[int], max_new_tokens: int, width: int, eos_ids:
     accepted: list[int] = []
     ends: list[float] = []
     steps: list[int] = []
+    corrections: list[int | None] = []
     forwards, finished = 1, False
     while nxt is not None and len(out) < max_new_tokens and not past(deadline):
         if nxt in eos_ids:
@@ -132,6 +134,7 @@ def _round_loop(prompt: Sequence[int], max_new_tokens: int, width: int, eos_ids:
         forwards += 1
         keep = canvas[: max(1, v.accepted)]
         accepted.append(len(keep))
+        corrections.append(None if any(t in eos_ids for t in keep) else v.correction)
         ends.append(time.perf_counter() - start)
         emitted = [t for t in keep if t not in eos_ids]
         out += emitted
@@ -145,7 +148,7 @@ def _round_loop(prompt: Sequence[int], max_new_tokens: int, width: int, eos_ids:
     return SpeculativeResult(token_ids=tuple(out), text=detok(out), finished=finished, drafts=len(accepted),
                              accepted=tuple(accepted), verifier_forwards=forwards, denoising_steps=sum(steps),
                              total_s=time.perf_counter() - start, round_steps=tuple(steps),
-                             round_ends_s=tuple(ends))
+                             round_ends_s=tuple(ends), corrections=tuple(corrections))
 
 
 def run_rounds(session: RoundSession, prompt: Sequence[int], max_new_tokens: int, width: int,

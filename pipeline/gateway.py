@@ -42,6 +42,7 @@ from .api import (
 from .errors import (
     BadRequest,
     DeadlineExceeded,
+    HTTPStatusError,
     ModelNotFound,
     Overloaded,
     PayloadTooLarge,
@@ -49,10 +50,11 @@ from .errors import (
     Unauthorized,
 )
 from .interfaces import Constraint, ConstraintKind, Job, Stats, TextResult
-from .orchestrator import Pipeline
+from .orchestrator import Outcome, Pipeline
 from .router import RequestShape, RouteDecision
 from .telemetry import Metrics, NoMetrics, RequestObservation
 from .validation import ConstraintError, ValidatorRegistry, default_registry
+from .watch import RunWatch, watching
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,25 @@ def error_reply(err: PipelineError) -> Reply:
 def _event(body: dict) -> bytes:
     """One server-sent event carrying ``body`` as JSON."""
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _named(kind: str, body: dict) -> bytes:
+    """One server-sent event named ``kind`` (a watched run's event)."""
+    return f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode()
+
+
+def _answer(req, outcome: Outcome, chat: bool) -> ChatCompletion | Completion:
+    """The completion body of a finished run."""
+    r = outcome.result
+    usage = _usage(r)
+    finish = "stop" if r.finished else "length"
+    route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
+    stats = {k: v for k, v in outcome.stats.as_dict().items() if isinstance(v, (int, float, bool, str))}
+    if chat:
+        return ChatCompletion(model=req.model, usage=usage, route=route, stats=stats,
+                              choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])
+    return Completion(model=req.model, usage=usage, route=route, stats=stats,
+                      choices=[CompletionChoice(text=r.text, finish_reason=finish)])
 
 
 def _usage(r: TextResult) -> Usage:
@@ -230,9 +251,11 @@ class Gateway:
 
     def __init__(self, pipeline: Pipeline, model_name: str, limits: Limits | None = None,
                  registry: ValidatorRegistry | None = None, api_key: str | None = None,
-                 metrics: Metrics | None = None, others: Mapping[str, Pipeline] | None = None):
+                 metrics: Metrics | None = None, others: Mapping[str, Pipeline] | None = None,
+                 playground: bool = False):
         """``pipeline`` serves ``model_name`` (the default model); ``others``: further models by
-        name, each its own pipeline (a request picks one with its ``model``)."""
+        name, each its own pipeline (a request picks one with its ``model``). ``playground``: the
+        watched runs of :meth:`playground_run` are served (else 404)."""
         self.pipeline = pipeline
         self.model_name = model_name
         self.pipelines: dict[str, Pipeline] = {model_name: pipeline, **(others or {})}
@@ -241,6 +264,7 @@ class Gateway:
         self.api_key = api_key or None
         self.metrics = metrics or NoMetrics()
         self.in_flight = 0  # generation requests admitted and not yet answered (streams: until closed)
+        self.playground = playground
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         if self.api_key is None:
@@ -288,6 +312,15 @@ class Gateway:
 
     async def completions(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
         return await self._handle(raw, headers, CompletionRequest, chat=False)
+
+    async def playground_run(self, raw: bytes, headers: Mapping[str, str] = {}) -> Reply:
+        """A chat completion request, answered as the trace of its run (``pipeline/watch.py``):
+        server-sent events, each named by its kind, ending with ``final`` (the chat completion
+        ``/v1/chat/completions`` would have answered) or ``error``. Same admission, limits, key,
+        routing and pipeline as a chat completion; ``stream`` is ignored."""
+        if not self.playground:
+            return error_reply(HTTPStatusError(404, "the playground is not enabled on this deployment"))
+        return await self._handle(raw, headers, ChatCompletionRequest, chat=True, watched=True)
 
     # -- shared handling ------------------------------------------------------------------------
     def parse(self, raw: bytes, model_cls):
@@ -343,7 +376,8 @@ class Gateway:
                              temperature=req.temperature, requested=req.route, max_tokens=limit)
         return job, pipeline.route(shape, job.trace)
 
-    async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool) -> Reply:
+    async def _handle(self, raw: bytes, headers: Mapping[str, str], model_cls, chat: bool,
+                      watched: bool = False) -> Reply:
         record = RequestRecord("chat" if chat else "text_completion", self.model_name, headers, self.metrics)
         admitted = False
         try:
@@ -357,10 +391,18 @@ class Gateway:
                 raise PayloadTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {self.limits.max_body_bytes}")
             timeout = self.deadline(headers)
             req = self.parse(raw, model_cls)
+            if watched:
+                req = req.model_copy(update={"stream": False})
             pipeline = self.pipeline_for(req.model)
             record.model_is(req.model)
             job, decision = self.make_job(req, chat, record.carrier, timeout)
             record.request(job, decision, req.stream)
+            if watched:
+                slot = _Slot(self)
+                stream = self._watched(pipeline, req, job, decision, timeout, record, slot)
+                weakref.finalize(stream, slot.release)
+                admitted = False
+                return Reply(200, stream=stream, headers={"x-route": decision.header()})
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 slot = _Slot(self)
@@ -384,19 +426,54 @@ class Gateway:
         finally:
             if admitted:
                 self.in_flight -= 1
-        r = outcome.result
-        usage = _usage(r)
-        finish = "stop" if r.finished else "length"
-        route = RouteInfo(path=outcome.decision.path, reason=outcome.decision.reason)
-        stats = {k: v for k, v in outcome.stats.as_dict().items() if isinstance(v, (int, float, bool, str))}
-        if chat:
-            body = ChatCompletion(model=req.model, usage=usage, route=route, stats=stats,
-                                  choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])
-        else:
-            body = Completion(model=req.model, usage=usage, route=route, stats=stats,
-                              choices=[CompletionChoice(text=r.text, finish_reason=finish)])
-        record.close(200, r, outcome.decision, body.id)
+        body = _answer(req, outcome, chat)
+        record.close(200, outcome.result, outcome.decision, body.id)
         return Reply(200, body.model_dump(), headers={"x-route": outcome.decision.header()})
+
+    async def _watched(self, pipeline: Pipeline, req, job: Job, decision: RouteDecision, timeout: float,
+                       record: RequestRecord, slot: "_Slot") -> AsyncIterator[bytes]:
+        """The events of one watched run (``pipeline/watch.py``) as they happen; the run is
+        cancelled when the reader goes away."""
+        w = RunWatch()
+        c = job.constraint
+        yield _named("route", {"t": 0.0, "path": decision.path, "reason": decision.reason, "model": req.model,
+                               "request_id": job.request_id, "constraint": None if c is None else str(c.kind),
+                               "spec": None if c is None else c.spec})
+
+        async def run() -> Outcome:
+            with watching(w):
+                return await pipeline.run(job, decision, req.stop_list(), record.stats)
+
+        task = asyncio.ensure_future(asyncio.wait_for(run(), timeout))
+        try:
+            while True:
+                event = asyncio.ensure_future(w.queue.get())
+                await asyncio.wait({event, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    break
+                yield _named(*event.result())
+            while not w.queue.empty():
+                yield _named(*w.queue.get_nowait())
+            try:
+                outcome = task.result()
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
+                                       code="deadline_exceeded") from None
+            body = _answer(req, outcome, True)
+            record.close(200, outcome.result, outcome.decision, body.id)
+            yield _named("final", {"t": w.elapsed(), **body.model_dump()})
+        except PipelineError as e:
+            record.close(e.status, error=e)
+            yield _named("error", {"t": w.elapsed(), "status": e.status, **error_reply(e).body})
+        except Exception as e:
+            record.close(500, error=PipelineError(f"internal error ({type(e).__name__})"))
+            yield _named("error", {"t": w.elapsed(), "status": 500, **error_reply(PipelineError("internal error")).body})
+        finally:  # (a close here: the reader went away mid-run)
+            w.close()
+            task.cancel()
+            record.close(499)
+            slot.release()
 
     async def _sse(self, pipeline: Pipeline, job: Job, decision: RouteDecision, stops: list[str], chat: bool,
                    include_usage: bool, timeout: float, record: RequestRecord, slot: "_Slot"

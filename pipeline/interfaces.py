@@ -44,6 +44,9 @@ class Job:
     # time.time() after which nobody waits for the answer: the model loops stop at their next step
     # (models/deadline.py) and the orchestration starts no further stage
     deadline: float | None = None
+    # someone watches this request (pipeline/watch.py): the drafter sends each denoising step, the
+    # verify route the text of each round
+    watch: bool = False
 
 
 @dataclass
@@ -71,12 +74,15 @@ class Stats:
     verifier_forwards: int | None = None
     verifier_forwards_per_token: float | None = None
     verify_s: float | None = None
+    round_texts: tuple[str, ...] | None = None  # watched requests only: each round's accepted text
+    round_corrections: tuple[str, ...] | None = None  # watched: each round's correction token ("" at the end)
     # AR
     first_token_s: float | None = None
     ar_s: float | None = None
     constrained: bool | None = None  # decoded under the grammar
     # repair: draft tokens kept (0: answered from scratch) of the draft's tokens
     repair_reused_tokens: int | None = None
+    repair_reused_chars: int | None = None  # the kept tokens' length as text
     draft_tokens: int | None = None
     # the orchestration (pipeline/orchestrator.py)
     drafter_overloaded: bool | None = None
@@ -127,10 +133,12 @@ class TextResult:
 
 @dataclass(frozen=True)
 class TextChunk:
-    """A piece of a streamed answer; the last chunk carries the whole result."""
+    """A piece of a streamed answer; the last chunk carries the whole result. A watched draft's
+    stream also carries each denoising step (``step``, with empty ``text``)."""
 
     text: str
     result: TextResult | None = None
+    step: Any = None  # a pipeline.watch.CanvasStep
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind
 
 from models.deadline import past
 
-from . import telemetry
+from . import telemetry, watch
 from .errors import (
     BadRequest,
     DeadlineExceeded,
@@ -202,7 +202,7 @@ class Pipeline:
         """An AR call (``stage``: generate | repair | fallback); a failing verifier is a clean 503
         (the request may be retried), never a hang or a stack trace."""
         _check_deadline(job, stage)
-        with telemetry.span(f"dgserve.{stage}", job.trace, SpanKind.CLIENT) as sp:
+        with telemetry.span(f"dgserve.{stage}", job.trace, SpanKind.CLIENT) as sp, watch.stage(stage):
             try:
                 result = await method(replace(job, trace=telemetry.carrier_of(sp)), *args)
             except PipelineError:
@@ -213,12 +213,16 @@ class Pipeline:
             telemetry.attributes(sp, {telemetry.GEN_AI_OUTPUT_TOKENS: result.completion_tokens})
             return result
 
-    async def _validate(self, job: Job, text: str):
+    async def _validate(self, job: Job, text: str, of: str):
+        """The validator's verdict on ``text``, the answer of stage ``of`` (draft, repair, ...)."""
         _check_deadline(job, "validate")
-        with telemetry.span("dgserve.validate", job.trace, SpanKind.CLIENT) as sp:
+        with telemetry.span("dgserve.validate", job.trace, SpanKind.CLIENT) as sp, watch.stage(f"validate {of}"):
             verdict = await self.validator.validate(job.constraint, text, telemetry.carrier_of(sp))
             telemetry.attributes(sp, {"dgserve.validation.ok": verdict.ok})
-            return verdict
+        if (w := watch.current()) is not None:
+            w.emit("verdict", of=of, text=text, ok=verdict.ok, errors=list(verdict.errors), paths=list(verdict.paths),
+                   spans=[list(span) for span in verdict.spans])
+        return verdict
 
     # -- non-streaming ----------------------------------------------------------------------
     async def run(self, job: Job, decision: RouteDecision, stops: list[str] | None = None,
@@ -240,7 +244,7 @@ class Pipeline:
             result, decision = await self._draft_or_ar(job, decision, stats)
         result = _apply_stops(result, stops)
         if job.constraint is not None:
-            result = await self._ensure_valid(job, result, stops, stats)
+            result = await self._ensure_valid(job, result, stops, stats, "draft" if decision.path != "ar" else "ar")
         return Outcome(result, decision, stats)
 
     async def _draft_or_ar(self, job: Job, decision: RouteDecision, stats: Stats
@@ -249,11 +253,15 @@ class Pipeline:
             raise Unavailable("no drafter is configured")
         verify = decision.path == "verify"
         call = self.drafter.speculate if verify else self.drafter.draft
+        w = watch.current()
+        if w is not None:  # the same drafter, asked to show its steps (and rounds)
+            call = _watched(self.drafter.speculate, w) if verify else _watched_draft(self.drafter.draft_stream, w)
         wait = (None if job.deadline is None or decision.requested
                 else max(0.0, job.deadline - time.time()) * self.policy.drafter_deadline_share)
         self.drafts_in_flight += 1
         try:
-            with telemetry.span("dgserve.speculate" if verify else "dgserve.draft", job.trace, SpanKind.CLIENT) as sp:
+            stage = "speculate" if verify else "draft"
+            with telemetry.span(f"dgserve.{stage}", job.trace, SpanKind.CLIENT) as sp, watch.stage(stage):
                 result = await asyncio.wait_for(call(replace(job, trace=telemetry.carrier_of(sp))), wait)
                 telemetry.attributes(sp, result.stats.as_dict(), "dgserve.")
         except asyncio.TimeoutError:  # the drafter holds the request without answering: AR serves it
@@ -278,12 +286,13 @@ class Pipeline:
         stats.update(result.stats)
         return result, decision
 
-    async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: Stats) -> TextResult:
+    async def _ensure_valid(self, job: Job, result: TextResult, stops: list[str], stats: Stats,
+                            first: str = "draft") -> TextResult:
         """Validate; if invalid, repair from the longest good prefix; then, by policy, a
         from-scratch constrained AR answer; else :class:`OutputInvalid`. Never an invalid success.
         A repair that kept no draft token WAS that from-scratch answer (vLLM's repair always is), so
-        the fallback is not run a second time."""
-        verdict = await self._validate(job, result.text)
+        the fallback is not run a second time. ``first``: the stage that made ``result`` (draft, ar)."""
+        verdict = await self._validate(job, result.text, first)
         stats.draft_valid = verdict.ok
         if verdict.ok:
             stats.validated = True
@@ -294,13 +303,17 @@ class Pipeline:
         result = _apply_stops(await self._ar("repair", self.ar.repair, job, draft), stops)
         stats.repair_reused_tokens = result.stats.repair_reused_tokens
         stats.draft_tokens = result.stats.draft_tokens
-        verdict = await self._validate(job, result.text)
+        if (w := watch.current()) is not None:
+            kept = result.stats.repair_reused_chars or 0
+            w.emit("repair", draft=draft.text, kept_tokens=result.stats.repair_reused_tokens,
+                   draft_tokens=result.stats.draft_tokens, kept=result.text[:kept], added=result.text[kept:])
+        verdict = await self._validate(job, result.text, "repair")
         errors += verdict.errors
         if (not verdict.ok and self.structured.on_repair_failure == "fallback"
                 and result.stats.repair_reused_tokens != 0):
             stats.fallback_used = True
             result = _apply_stops(await self._ar("fallback", self.ar.generate, job), stops)
-            verdict = await self._validate(job, result.text)
+            verdict = await self._validate(job, result.text, "fallback")
             errors += verdict.errors
         if not verdict.ok:
             cause = classify(bool(result.stats.constrained), result.finished, verdict.keywords)
@@ -337,7 +350,7 @@ class Pipeline:
             result = _apply_stops(result, stops)
             if not result.finished and result.stats.expired:  # stopped at the retry's deadline
                 return None
-            if (await self._validate(job, result.text)).ok:
+            if (await self._validate(job, result.text, f"retry {label}")).ok:
                 stats.retry_used = label
                 return result
         return None
@@ -436,3 +449,40 @@ async def _guard_stream(source: AsyncIterator[TextChunk], path: str) -> AsyncIte
         raise
     except Exception as e:
         raise Unavailable(f"the {path} backend failed mid-stream ({type(e).__name__})", retry_after=1.0) from e
+
+
+def _watched(call, w: "watch.RunWatch"):
+    """``call`` (the verify route) for a watched job: its rounds are reported once it returns."""
+    async def run(job: Job) -> TextResult:
+        result = await call(replace(job, watch=True))
+        st = result.stats
+        if st.accepted is not None:
+            w.emit("rounds", accepted=list(st.accepted), texts=list(st.round_texts or ()),
+                   corrections=list(st.round_corrections or ()))
+        w.emit("draft", text=result.text, stats=st.as_dict())
+        return result
+    return run
+
+
+def _watched_draft(draft_stream, w: "watch.RunWatch"):
+    """The drafter's stream for a watched job: each denoising step and canvas commit is reported as
+    it arrives; returns the draft's result, as ``draft`` would."""
+    async def run(job: Job) -> TextResult:
+        source = draft_stream(replace(job, watch=True))
+        result = None
+        try:
+            async for chunk in source:
+                if chunk.step is not None:
+                    w.emit("step", **chunk.step.payload())
+                elif chunk.result is not None:
+                    result = chunk.result
+                elif chunk.text:
+                    w.emit("commit", text=chunk.text)
+        finally:
+            if hasattr(source, "aclose"):
+                await source.aclose()
+        if result is None:
+            raise RuntimeError("the draft stream ended without a result")
+        w.emit("draft", text=result.text, stats=result.stats.as_dict())
+        return result
+    return run

@@ -16,13 +16,22 @@ from .streaming import text_chunks
 from .tokens import detokenizer, encode_job
 
 
-def speculative_result(prompt: Sequence[int], r) -> TextResult:
-    """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`)."""
-    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, Stats(
+def speculative_result(prompt: Sequence[int], r, tokenizer=None) -> TextResult:
+    """The :class:`TextResult` of a finished speculative decode (:class:`models.speculative.SpeculativeResult`);
+    with ``tokenizer`` (a watched request) its stats carry each round's text and correction token."""
+    stats = Stats(
         drafts=r.drafts, mean_accepted=round(r.mean_accepted, 3), accepted=tuple(r.accepted),
         verifier_forwards=r.verifier_forwards,
         verifier_forwards_per_token=round(r.verifier_forwards / max(1, len(r.token_ids)), 3),
-        denoising_steps=r.denoising_steps, verify_s=round(r.total_s, 4)), tuple(r.token_ids))
+        denoising_steps=r.denoising_steps, verify_s=round(r.total_s, 4))
+    if tokenizer is not None:
+        texts, at = [], 0
+        for n in r.accepted:  # a round's accepted tokens (its <eos>, if any, is not in the output)
+            texts.append(tokenizer.decode(list(r.token_ids[at: at + n]), skip_special_tokens=True))
+            at += n
+        stats.round_texts = tuple(texts)
+        stats.round_corrections = tuple("" if c is None else tokenizer.decode([c]) for c in r.corrections)
+    return TextResult(r.text, len(prompt), len(r.token_ids), r.finished, stats, tuple(r.token_ids))
 
 
 async def shadow_agreement(tokenizer, verify, job: Job, answer: TextResult) -> float | None:
@@ -67,7 +76,7 @@ class RoundSpeculation:
 
     async def speculate(self, job: Job) -> TextResult:
         prompt, r = await self._run(job)
-        return speculative_result(prompt, r)
+        return speculative_result(prompt, r, self.tokenizer if job.watch else None)
 
     def speculate_stream(self, job: Job) -> AsyncIterator[TextChunk]:
         """One chunk per verification round, sent as the round is accepted."""
@@ -85,7 +94,7 @@ class RoundSpeculation:
 
         def finish(out, text):
             prompt, r = task.result()
-            return speculative_result(prompt, r)
+            return speculative_result(prompt, r, self.tokenizer if job.watch else None)
 
         return text_chunks(self.tokenizer, rounds(), finish)
 

@@ -76,9 +76,15 @@ async def _iterate_in_thread(produce: Callable[[Callable[[object], None]], objec
 
 async def text_chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> AsyncIterator[TextChunk]:
     """Text chunks of token-id ``pieces`` (incomplete UTF-8 held back); the last chunk carries
-    ``finish(ids, text)``, the closing :class:`TextResult`."""
+    ``finish(ids, text)``, the closing :class:`TextResult`. A :class:`pipeline.watch.CanvasStep`
+    among the pieces passes through as a chunk's ``step``."""
+    from .watch import CanvasStep
+
     delta = TextDelta(tokenizer)
     async for ids in pieces:
+        if isinstance(ids, CanvasStep):
+            yield TextChunk("", step=ids)
+            continue
         text = delta.push(ids)
         if text:
             yield TextChunk(text)

@@ -353,7 +353,7 @@ class JsonSchemaValidator:
         try:
             instance = json.loads(text)
         except ValueError as e:
-            return Verdict(False, (f"not JSON: {e}",), keywords=("json",))
+            return Verdict(False, (f"not JSON: {e}",), spans=(_syntax_span(e, text),), keywords=("json",))
         errors = sorted(compiled_schema(spec).iter_errors(instance), key=lambda e: [str(p) for p in e.path])[:10]
         if not errors:
             return Verdict(True)
@@ -374,10 +374,17 @@ class JsonObjectValidator:
         try:
             value = json.loads(text)
         except ValueError as e:
-            return Verdict(False, (f"not JSON: {e}",))
+            return Verdict(False, (f"not JSON: {e}",), spans=(_syntax_span(e, text),))
         if not isinstance(value, dict):
             return Verdict(False, (f"$: expected a JSON object, got {type(value).__name__}",))
         return Verdict(True)
+
+
+def _syntax_span(error: ValueError, text: str) -> tuple[int, int]:
+    """Where a text stops being JSON: from the parser's failure position to the end (at least one
+    character; past the end for a text cut short). Example: ``'{"a": 1'`` -> ``(7, 8)``."""
+    pos = getattr(error, "pos", 0)
+    return pos, max(pos + 1, len(text))
 
 
 class RegexValidator:

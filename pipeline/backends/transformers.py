@@ -16,6 +16,7 @@ from ..interfaces import Job, Stats, TextChunk, TextResult
 from ..speculation import RoundSpeculation, shadow_agreement, speculative_result
 from ..streaming import stream_in_thread
 from ..tokens import encode_job
+from ..watch import canvas_step
 
 
 def grammar_for(decoding, job: Job, build):
@@ -75,7 +76,7 @@ class TransformersDrafter:
         r = self._spec().generate(prompt, job.max_tokens, seed=job.seed, temperature=job.temperature,
                                   deadline=job.deadline)
         telemetry.record_speculation(job.trace, start, r)
-        return speculative_result(prompt, r)
+        return speculative_result(prompt, r, self.tokenizer if job.watch else None)
 
     async def speculate(self, job: Job) -> TextResult:
         if self.rounds is not None:
@@ -90,7 +91,7 @@ class TransformersDrafter:
 
         def finish(r, ids):
             telemetry.record_speculation(job.trace, start, r)
-            return speculative_result(prompt, r)
+            return speculative_result(prompt, r, self.tokenizer if job.watch else None)
 
         def produce(emit):
             return self._spec().generate(prompt, job.max_tokens, seed=job.seed, on_tokens=emit,
@@ -120,16 +121,23 @@ class TransformersDrafter:
         return (await self.draft_many([job]))[0]
 
     def draft_stream(self, job: Job) -> AsyncIterator[TextChunk]:
+        """One chunk per committed canvas; a watched job (``job.watch``) also sends each denoising
+        step (:class:`pipeline.watch.CanvasStep`) as it happens."""
         prompt = encode_job(self.tokenizer, job)
         start = telemetry.now_ns()
+        box: dict = {}
 
         def produce(emit):
-            return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, seed=job.seed,
-                                      on_canvas=lambda row, idx, new: emit(list(new)), deadlines=[job.deadline])[0]
+            box["hook"] = hook = self._hook(job)  # a grammar compile: in this thread, off the event loop
+            on_step = (lambda view: emit(canvas_step(self.tokenizer, view))) if job.watch else None
+            return self.drafter.draft([prompt], max_new_tokens=job.max_tokens, hooks=[hook], seed=job.seed,
+                                      on_canvas=lambda row, idx, new: emit(list(new)), deadlines=[job.deadline],
+                                      on_step=on_step)[0]
 
         def finish(d, ids):
             telemetry.record_draft(job.trace, start, d, 1)
-            return TextResult(d.text, len(prompt), len(d.token_ids), d.finished, draft_stats(d), d.token_ids)
+            return TextResult(d.text, len(prompt), len(d.token_ids), d.finished,
+                              draft_stats(d, canvas_guided=box.get("hook") is not None), d.token_ids)
 
         return stream_in_thread(self.tokenizer, tracked(self.work, job.deadline, produce), finish)
 
@@ -192,7 +200,9 @@ class TransformersAR:
                 result = await self._run(job, prompt, [], job.max_tokens)
             else:
                 result = await self._run(job, prompt, ids[:keep], job.max_tokens - keep)
-                result = replace(result, stats=result.stats.merged(repair_reused_tokens=keep, draft_tokens=len(ids)))
+                kept = len(self.tokenizer.decode(ids[:keep], skip_special_tokens=True))
+                result = replace(result, stats=result.stats.merged(repair_reused_tokens=keep, repair_reused_chars=kept,
+                                                                   draft_tokens=len(ids)))
             _ar_attributes(sp, result)
             return result
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from deployments.launch import banner, endpoint
+from deployments.launch import banner, endpoint, playground_enabled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,3 +22,10 @@ def test_banner_names_the_docs_health_and_a_request_for_the_served_model(tmp_pat
     assert url == "http://127.0.0.1:9123/api"
     assert f"{url}/docs" in text and f"{url}/health" in text
     assert f"{url}/v1/chat/completions" in text and '"model": "m1"' in text
+    assert "/playground" not in text and not playground_enabled(cfg)
+
+
+def test_banner_points_at_the_playground_where_the_config_serves_it():
+    url, model = endpoint(ROOT / "serve_config.yaml")
+    assert playground_enabled(ROOT / "serve_config.yaml") and not playground_enabled(ROOT / "serve_config.gpu.yaml")
+    assert f"{url}/playground" in banner(url, model, True)
