@@ -35,12 +35,12 @@ def request_body(route: str, max_tokens: int) -> dict:
 def start_app(playground: tuple[bool, ...] = (False,)) -> list[str]:
     """The real app (serve.run) on 127.0.0.1:8766, once per ``playground`` setting (each its own
     application and replicas, under ``/``, ``/app1``, ...); returns each one's chat URL."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is imported
     import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8766})
     urls = []
