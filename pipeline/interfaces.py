@@ -22,6 +22,8 @@ from models.constraints import (
     ConstraintKind as ConstraintKind,  # the closed set, with the models that compile it
 )
 
+from .watch import CanvasStep
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -138,7 +140,7 @@ class TextChunk:
 
     text: str
     result: TextResult | None = None
-    step: Any = None  # a pipeline.watch.CanvasStep
+    step: CanvasStep | None = None
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ class Pipeline:
         call = self.drafter.speculate if verify else self.drafter.draft
         w = watch.current()
         if w is not None:  # the same drafter, asked to show its steps (and rounds)
-            call = _watched(self.drafter.speculate, w) if verify else _watched_draft(self.drafter.draft_stream, w)
+            call = _watched_speculate(self.drafter.speculate, w) if verify else _watched_draft(self.drafter.draft_stream, w)
         wait = (None if job.deadline is None or decision.requested
                 else max(0.0, job.deadline - time.time()) * self.policy.drafter_deadline_share)
         self.drafts_in_flight += 1
@@ -451,7 +451,7 @@ async def _guard_stream(source: AsyncIterator[TextChunk], path: str) -> AsyncIte
         raise Unavailable(f"the {path} backend failed mid-stream ({type(e).__name__})", retry_after=1.0) from e
 
 
-def _watched(call, w: "watch.RunWatch"):
+def _watched_speculate(call, w: "watch.RunWatch"):
     """``call`` (the verify route) for a watched job: its rounds are reported once it returns."""
     async def run(job: Job) -> TextResult:
         result = await call(replace(job, watch=True))
