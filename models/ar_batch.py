@@ -70,8 +70,9 @@ class _Row:
 @dataclass(frozen=True)
 class BatchStats:
     steps: int  # decode forwards
-    rebuilds: int  # of those, prefills of the whole batch (the first rows, or a row longer than the batch)
+    rebuilds: int  # of those, prefills of the whole batch (the first rows, a compaction, a cache that cannot grow)
     splices: int  # rows joined by a prefill of their own, appended to the running cache
+    widenings: int  # of those, joins that first padded the running cache on the left (a row longer than the batch)
     tokens: int  # tokens produced
     peak_rows: int  # most rows in one step
 
@@ -91,7 +92,7 @@ class ARBatcher:
         self._waiting: deque[_Row] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._steps = self._rebuilds = self._splices = self._tokens = self._peak = 0
+        self._steps = self._rebuilds = self._splices = self._widenings = self._tokens = self._peak = 0
         self._closed = False
         atexit.register(self.close)  # stop the loop between steps, not inside one, at exit
 
@@ -137,7 +138,7 @@ class ARBatcher:
             thread.join(timeout_s)
 
     def stats(self) -> BatchStats:
-        return BatchStats(self._steps, self._rebuilds, self._splices, self._tokens, self._peak)
+        return BatchStats(self._steps, self._rebuilds, self._splices, self._widenings, self._tokens, self._peak)
 
     # -- the loop thread --------------------------------------------------------------------
     def _admit(self, active: list[_Row]) -> list[_Row]:
@@ -181,16 +182,22 @@ class ARBatcher:
                 # width only grows while the batch runs, so padding past max_padding compacts it
                 step = max((len(r.new) for r in active), default=1)  # columns this step adds
                 lengths = [len(r.prompt) + len(r.out) for r in active + joined]
-                fits = all(len(r.prompt) + len(r.out) <= cur + step for r in joined)
                 compact = bool(lengths) and cur + step - max(lengths) > self.max_padding
-                if cache is None or not active or not fits or compact:
+                if cache is None or not active or compact:
                     active = active + joined
                     cache, mask, logits, cur = self._rebuild(active)
                 else:  # feed the running rows their new tokens, then splice the joining rows in
                     logits, mask, cur = feed(self.lm, [r.new for r in active],
                                              [len(r.prompt) + len(r.out) - len(r.new) for r in active],
                                              mask, cur, cache, self.verifier.pad_id)
-                    spliced = self._splice(cache, logits, mask, joined, cur) if joined else (logits, mask)
+                    # a joining row longer than the batch: the batch is widened by padding on the left
+                    longest = max((len(r.prompt) + len(r.out) for r in joined), default=0)
+                    if longest > cur and _widen_cache(cache, longest - cur):
+                        pad = torch.zeros(len(active), longest - cur, dtype=mask.dtype, device=dev)
+                        mask, cur = torch.cat([pad, mask], 1), longest
+                        self._widenings += 1
+                    spliced = (self._splice(cache, logits, mask, joined, cur) if joined and longest <= cur
+                               else None if joined else (logits, mask))
                     if spliced is None:  # the layers cannot be joined
                         active = active + joined
                         cache, mask, logits, cur = self._rebuild(active)
@@ -302,6 +309,27 @@ def _concat_caches(cache, new) -> bool:
     for a, b in pairs:
         a.keys, a.values = torch.cat([a.keys, _left_pad(b.keys, a.keys.shape[-2])]), \
             torch.cat([a.values, _left_pad(b.values, a.values.shape[-2])])
+    return True
+
+
+def _widen_cache(cache, extra: int) -> bool:
+    """Pad every layer of ``cache`` on the left with ``extra`` zero (masked) columns, so that a row
+    longer than the batch can join it; False, leaving ``cache`` as it was, when a layer is of
+    another kind or is a sliding window that has dropped columns or would have to."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or not layer.is_initialized:
+            return False
+        if type(layer) is DynamicSlidingWindowLayer and (
+                layer.cumulative_length != layer.keys.shape[-2]
+                or layer.keys.shape[-2] + extra > layer.sliding_window - 1):
+            return False
+    for layer in cache.layers:
+        n = layer.keys.shape[-2] + extra
+        layer.keys, layer.values = _left_pad(layer.keys, n), _left_pad(layer.values, n)
+        if type(layer) is DynamicSlidingWindowLayer:
+            layer.cumulative_length = n
     return True
 
 

@@ -64,6 +64,35 @@ def test_concurrent_requests_each_get_the_answer_they_get_alone(verifier, ar, st
     assert after.steps - before.steps < sum(len(w.token_ids) + 1 for w in want)
 
 
+def test_a_row_longer_than_the_running_batch_joins_it_without_a_rebuild(verifier):
+    """Short rows start a batch; a row whose prompt is longer than the batch joins it after the
+    first step (submitted from that step's token callback): the batch is padded on the left (a
+    widening), not prefilled again, and every row gets the tokens it gets alone."""
+    batcher = ARBatcher(verifier, max_num_seqs=4)
+    tok = verifier.tokenizer
+    short = [encode_job(tok, Job(messages=(("user", t),), prompt=None, max_tokens=32))
+             for t in ("Name a colour.", "Describe Oslo.", "Name a city.")]
+    long_text = "Extract the data as JSON. " + " ".join(ex.instruction for ex in EXAMPLES[:2])
+    long = encode_job(tok, Job(messages=(("user", long_text),), prompt=None, max_tokens=24))
+    assert len(long) > max(len(p) for p in short) + 32
+    joined = []
+
+    def after_first_token(_tok):
+        if not joined:
+            joined.append(batcher.submit(long, 24))
+
+    try:
+        futures = [batcher.submit(p, 32, on_token=after_first_token if i == 0 else None) for i, p in enumerate(short)]
+        got = [f.result(timeout=120) for f in futures]
+        got.append(joined[0].result(timeout=120))
+        stats = batcher.stats()
+    finally:
+        batcher.close()
+    want = [verifier.generate([p], n)[0] for p, n in zip(short + [long], [32, 32, 32, 24])]
+    assert [g.token_ids for g in got] == [tuple(w.token_ids) for w in want]
+    assert stats.widenings >= 1 and stats.rebuilds == 1  # the first rows' prefill only
+
+
 def test_concurrent_streams_deliver_every_token_and_the_answer_alone(verifier, ar):
     jobs = _jobs(True)[:6]
     want = [_alone(verifier, ar, j) for j in jobs]
