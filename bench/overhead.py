@@ -66,6 +66,15 @@ def model_seconds(body: dict) -> float:
     return stats.get("draft_s", stats.get("ar_s", 0.0))
 
 
+def post_once(session, url: str, body: dict) -> tuple[float, float]:
+    """One request over HTTP: (latency, the model call's own seconds)."""
+    t0 = time.perf_counter()
+    r = session.post(url, json=body, timeout=60)
+    t = time.perf_counter() - t0
+    r.raise_for_status()
+    return t, model_seconds(r.json())
+
+
 def in_process_gateway():
     """The same pipeline as the app's, in this process, over the same local backends."""
     import torch
@@ -94,13 +103,6 @@ def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[f
         loop = asyncio.new_event_loop()
         session = requests.Session()
 
-        def http_once() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            r = session.post(url, json=body, timeout=60)
-            t = time.perf_counter() - t0
-            r.raise_for_status()
-            return t, model_seconds(r.json())
-
         def local_once() -> tuple[float, float]:
             t0 = time.perf_counter()
             reply = loop.run_until_complete(gw.chat(raw))
@@ -109,16 +111,16 @@ def measure(n: int, body: dict) -> tuple[list[tuple[float, float]], list[tuple[f
             return t, model_seconds(reply.body)
 
         for _ in range(3):
-            http_once()
+            post_once(session, url, body)
             local_once()
         http, local = [], []
         for i in range(n):  # alternate which side goes first
             if i % 2:
-                http.append(http_once())
+                http.append(post_once(session, url, body))
                 local.append(local_once())
             else:
                 local.append(local_once())
-                http.append(http_once())
+                http.append(post_once(session, url, body))
         loop.close()
         return http, local
     finally:
@@ -134,23 +136,17 @@ def playground_cost(n: int, body: dict) -> dict:
     off_url, on_url = start_app((False, True))
     try:
         session = requests.Session()
-
-        def once(url: str) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            r = session.post(url, json=body, timeout=60)
-            t = time.perf_counter() - t0
-            r.raise_for_status()
-            return t, model_seconds(r.json())
-
         for _ in range(3):
-            once(off_url)
-            once(on_url)
+            post_once(session, off_url, body)
+            post_once(session, on_url, body)
         off, on = [], []
-        for i in range(n):
-            first, second = (off_url, on_url) if i % 2 else (on_url, off_url)
-            a, b = once(first), once(second)
-            (off if first == off_url else on).append(a)
-            (on if first == off_url else off).append(b)
+        for i in range(n):  # alternate which side goes first
+            if i % 2:
+                off.append(post_once(session, off_url, body))
+                on.append(post_once(session, on_url, body))
+            else:
+                on.append(post_once(session, on_url, body))
+                off.append(post_once(session, off_url, body))
     finally:
         stop_app()
     ms = lambda x: round(1000 * x, 2)  # noqa: E731

@@ -24,7 +24,7 @@ from pipeline.api import (
     ModelList,
 )
 from pipeline.errors import BadRequest, HTTPStatusError, PipelineError
-from pipeline.gateway import Gateway, Reply, error_reply
+from pipeline.gateway import Gateway, Reply, error_reply, playground_off
 from pipeline.health import watch
 from pipeline.orchestrator import Pipeline
 from pipeline.telemetry import configure_tracing
@@ -224,7 +224,7 @@ class Ingress:
 
     def _page(self, name: str) -> Response:
         if not self.gateway.playground:
-            return _respond(error_reply(HTTPStatusError(404, "the playground is not enabled on this deployment")))
+            return _respond(playground_off())
         return playground_file(name)
 
     @http.get("/v1/models", responses={200: {"model": ModelList}, 401: {"model": ErrorResponse}})

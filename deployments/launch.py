@@ -20,11 +20,15 @@ from pathlib import Path
 import yaml
 
 
+def _read(config: Path) -> tuple[dict, dict]:
+    """``config``'s http_options and its first application."""
+    doc = yaml.safe_load(config.read_text()) or {}
+    return doc.get("http_options") or {}, (doc.get("applications") or [{}])[0]
+
+
 def endpoint(config: Path) -> tuple[str, str]:
     """(base URL, model name) that ``config`` serves."""
-    doc = yaml.safe_load(config.read_text()) or {}
-    http = doc.get("http_options") or {}
-    app = (doc.get("applications") or [{}])[0]
+    http, app = _read(config)
     prefix = (app.get("route_prefix") or "/").rstrip("/")
     model = ((app.get("args") or {}).get("model_name")) or "dgserve-tiny"
     return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}", model
@@ -32,9 +36,7 @@ def endpoint(config: Path) -> tuple[str, str]:
 
 def playground_enabled(config: Path) -> bool:
     """The config turns the playground page on (``args.playground``)."""
-    doc = yaml.safe_load(config.read_text()) or {}
-    app = (doc.get("applications") or [{}])[0]
-    return bool((app.get("args") or {}).get("playground"))
+    return bool((_read(config)[1].get("args") or {}).get("playground"))
 
 
 def banner(url: str, model: str, playground: bool = False) -> str:

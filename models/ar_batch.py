@@ -178,8 +178,8 @@ class ARBatcher:
                 return
             dev = self.lm.device
             try:
-                # a joining row fits when its tokens fit in the batch's width after this step; the
-                # width only grows while the batch runs, so padding past max_padding compacts it
+                # the width only grows while the batch runs (a longer joining row widens it), so
+                # padding past max_padding compacts it
                 step = max((len(r.new) for r in active), default=1)  # columns this step adds
                 lengths = [len(r.prompt) + len(r.out) for r in active + joined]
                 compact = bool(lengths) and cur + step - max(lengths) > self.max_padding
@@ -196,8 +196,12 @@ class ARBatcher:
                         pad = torch.zeros(len(active), longest - cur, dtype=mask.dtype, device=dev)
                         mask, cur = torch.cat([pad, mask], 1), longest
                         self._widenings += 1
-                    spliced = (self._splice(cache, logits, mask, joined, cur) if joined and longest <= cur
-                               else None if joined else (logits, mask))
+                    if not joined:
+                        spliced = logits, mask
+                    elif longest > cur:  # the batch could not be widened
+                        spliced = None
+                    else:
+                        spliced = self._splice(cache, logits, mask, joined, cur)
                     if spliced is None:  # the layers cannot be joined
                         active = active + joined
                         cache, mask, logits, cur = self._rebuild(active)
@@ -294,17 +298,13 @@ def _concat_caches(cache, new) -> bool:
     """Append ``new``'s rows to ``cache`` in place, ``new``'s layers padded on the left with zero
     (masked) columns to ``cache``'s length; False, leaving ``cache`` as it was, when a layer is of
     another kind or ``new`` holds more columns than ``cache``."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     pairs = list(zip(cache.layers, new.layers))
     if len(cache.layers) != len(new.layers):
         return False
     for a, b in pairs:
-        if type(a) is not type(b) or type(a) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        if type(a) is not type(b) or not (_dynamic(a) and _dynamic(b)) or b.keys.shape[-2] > a.keys.shape[-2]:
             return False
-        if not (a.is_initialized and b.is_initialized) or b.keys.shape[-2] > a.keys.shape[-2]:
-            return False
-        if type(a) is DynamicSlidingWindowLayer and b.cumulative_length > b.keys.shape[-2]:
+        if not _kept_all(b):
             return False  # the joining rows outgrew the window: their dropped columns cannot be re-padded
     for a, b in pairs:
         a.keys, a.values = torch.cat([a.keys, _left_pad(b.keys, a.keys.shape[-2])]), \
@@ -316,21 +316,29 @@ def _widen_cache(cache, extra: int) -> bool:
     """Pad every layer of ``cache`` on the left with ``extra`` zero (masked) columns, so that a row
     longer than the batch can join it; False, leaving ``cache`` as it was, when a layer is of
     another kind or is a sliding window that has dropped columns or would have to."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
     for layer in cache.layers:
-        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) or not layer.is_initialized:
+        if not (_dynamic(layer) and _kept_all(layer)):
             return False
-        if type(layer) is DynamicSlidingWindowLayer and (
-                layer.cumulative_length != layer.keys.shape[-2]
-                or layer.keys.shape[-2] + extra > layer.sliding_window - 1):
+        if layer.is_sliding and layer.keys.shape[-2] + extra > layer.sliding_window - 1:
             return False
     for layer in cache.layers:
         n = layer.keys.shape[-2] + extra
         layer.keys, layer.values = _left_pad(layer.keys, n), _left_pad(layer.values, n)
-        if type(layer) is DynamicSlidingWindowLayer:
+        if layer.is_sliding:
             layer.cumulative_length = n
     return True
+
+
+def _dynamic(layer) -> bool:
+    """A filled dynamic cache layer, full or sliding-window: one whose columns are plain tensors."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and layer.is_initialized
+
+
+def _kept_all(layer) -> bool:
+    """The layer holds every column it was fed (a sliding window that has dropped none)."""
+    return not layer.is_sliding or layer.cumulative_length == layer.keys.shape[-2]
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:

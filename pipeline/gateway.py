@@ -89,6 +89,11 @@ def _event(body: dict) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+def playground_off() -> Reply:
+    """What the playground's endpoints answer on a deployment that has it off."""
+    return error_reply(HTTPStatusError(404, "the playground is not enabled on this deployment"))
+
+
 def _named(kind: str, body: dict) -> bytes:
     """One server-sent event named ``kind`` (a watched run's event)."""
     return f"event: {kind}\ndata: {json.dumps(body)}\n\n".encode()
@@ -106,6 +111,10 @@ def _answer(req, outcome: Outcome, chat: bool) -> ChatCompletion | Completion:
                               choices=[ChatChoice(message=AssistantMessage(content=r.text), finish_reason=finish)])
     return Completion(model=req.model, usage=usage, route=route, stats=stats,
                       choices=[CompletionChoice(text=r.text, finish_reason=finish)])
+
+
+def _past_deadline(timeout: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s", code="deadline_exceeded")
 
 
 def _usage(r: TextResult) -> Usage:
@@ -319,7 +328,7 @@ class Gateway:
         ``/v1/chat/completions`` would have answered) or ``error``. Same admission, limits, key,
         routing and pipeline as a chat completion; ``stream`` is ignored."""
         if not self.playground:
-            return error_reply(HTTPStatusError(404, "the playground is not enabled on this deployment"))
+            return playground_off()
         return await self._handle(raw, headers, ChatCompletionRequest, chat=True, watched=True)
 
     # -- shared handling ------------------------------------------------------------------------
@@ -397,16 +406,14 @@ class Gateway:
             record.model_is(req.model)
             job, decision = self.make_job(req, chat, record.carrier, timeout)
             record.request(job, decision, req.stream)
-            if watched:
+            if watched or req.stream:
                 slot = _Slot(self)
-                stream = self._watched(pipeline, req, job, decision, timeout, record, slot)
-                weakref.finalize(stream, slot.release)
-                admitted = False
-                return Reply(200, stream=stream, headers={"x-route": decision.header()})
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                slot = _Slot(self)
-                stream = self._sse(pipeline, job, decision, req.stop_list(), chat, include_usage, timeout, record, slot)
+                if watched:
+                    stream = self._watched(pipeline, req, job, decision, timeout, record, slot)
+                else:
+                    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                    stream = self._sse(pipeline, job, decision, req.stop_list(), chat, include_usage, timeout,
+                                       record, slot)
                 weakref.finalize(stream, slot.release)  # a stream never started still frees its slot
                 admitted = False  # the stream holds the slot now
                 return Reply(200, stream=stream, headers={"x-route": decision.header()})
@@ -414,8 +421,7 @@ class Gateway:
                 outcome = await asyncio.wait_for(pipeline.run(job, decision, req.stop_list(), record.stats),
                                                  timeout)
             except asyncio.TimeoutError:
-                raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
-                                       code="deadline_exceeded") from None
+                raise _past_deadline(timeout) from None
         except PipelineError as e:
             reply = error_reply(e)
             record.close(reply.status, error=e)
@@ -458,8 +464,7 @@ class Gateway:
             try:
                 outcome = task.result()
             except asyncio.TimeoutError:
-                raise DeadlineExceeded(f"no answer within the request deadline of {timeout:g} s",
-                                       code="deadline_exceeded") from None
+                raise _past_deadline(timeout) from None
             body = _answer(req, outcome, True)
             record.close(200, outcome.result, outcome.decision, body.id)
             yield _named("final", {"t": w.elapsed(), **body.model_dump()})

@@ -8,6 +8,7 @@ import threading
 from typing import AsyncIterator, Callable, Sequence
 
 from .interfaces import TextChunk
+from .watch import CanvasStep
 
 
 class TextDelta:
@@ -78,8 +79,6 @@ async def text_chunks(tokenizer, pieces: AsyncIterator[list[int]], finish) -> As
     """Text chunks of token-id ``pieces`` (incomplete UTF-8 held back); the last chunk carries
     ``finish(ids, text)``, the closing :class:`TextResult`. A :class:`pipeline.watch.CanvasStep`
     among the pieces passes through as a chunk's ``step``."""
-    from .watch import CanvasStep
-
     delta = TextDelta(tokenizer)
     async for ids in pieces:
         if isinstance(ids, CanvasStep):
