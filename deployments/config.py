@@ -154,9 +154,12 @@ class VerifierArgs(ModelArgs):
     replica: ReplicaArgs = ReplicaArgs(num_cpus=0.5, max_ongoing_requests=32)
     # transformers backend: AR requests decoded in one running batch (vLLM: vllm.max_num_seqs)
     max_num_seqs: int = Field(default=_WIRING.ar_max_num_seqs, ge=1)
+    # that batch's KV (models/batch_kv.py): slots (DiffusionGemma's lean causal forward), padded
+    # (transformers' forward and cache, any causal LM), auto (slots where the model allows them)
+    kv_layout: Literal["auto", "slots", "padded"] = "auto"
 
     def wiring(self, structured: "StructuredArgs"):
-        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs)
+        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs, ar_kv_layout=self.kv_layout)
 
 
 class ValidatorArgs(_Strict):

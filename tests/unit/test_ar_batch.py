@@ -1,5 +1,6 @@
 """Continuous batching of AR decoding (models/ar_batch.py) through the AR role the replicas run:
-concurrent requests share one running batch and each gets exactly the answer it gets alone."""
+concurrent requests share one running batch and each gets exactly the answer it gets alone, in
+either layout of the batch's KV (models/batch_kv.py)."""
 
 import asyncio
 import time
@@ -21,9 +22,11 @@ def verifier():
     return ARVerifier.from_pretrained(None, "diffusion", "cpu")
 
 
-@pytest.fixture(scope="module")
-def ar(verifier):
-    return transformers_roles(None, verifier, Wiring(ar_max_num_seqs=8)).ar
+@pytest.fixture(scope="module", params=["slots", "padded"])
+def ar(verifier, request):
+    role = transformers_roles(None, verifier, Wiring(ar_max_num_seqs=8, ar_kv_layout=request.param)).ar
+    yield role
+    role.batcher.close()
 
 
 def _jobs(structured: bool) -> list[Job]:
@@ -59,16 +62,18 @@ def test_concurrent_requests_each_get_the_answer_they_get_alone(verifier, ar, st
     assert [g.finished for g in got] == [w.finished for w in want]
     assert all(g.stats.constrained is structured for g in got)
     assert after.peak_rows > 1  # they really shared the batch
-    assert after.splices > before.splices  # and rows joined it while it ran, behind other rows' padding
+    assert after.splices > before.splices  # and rows joined it while it ran
     # fewer forwards than one request at a time would take
     assert after.steps - before.steps < sum(len(w.token_ids) + 1 for w in want)
 
 
-def test_a_row_longer_than_the_running_batch_joins_it_without_a_rebuild(verifier):
+@pytest.mark.parametrize("layout", ["slots", "padded"])
+def test_a_row_longer_than_the_running_batch_joins_it_without_a_rebuild(verifier, layout):
     """Short rows start a batch; a row whose prompt is longer than the batch joins it after the
-    first step (submitted from that step's token callback): the batch is padded on the left (a
-    widening), not prefilled again, and every row gets the tokens it gets alone."""
-    batcher = ARBatcher(verifier, max_num_seqs=4)
+    first step (submitted from that step's token callback): the rows are not prefilled again (the
+    padded layout pads the running cache on the left: a widening), and every row gets the tokens
+    it gets alone."""
+    batcher = ARBatcher(verifier, max_num_seqs=4, kv_layout=layout)
     tok = verifier.tokenizer
     short = [encode_job(tok, Job(messages=(("user", t),), prompt=None, max_tokens=32))
              for t in ("Name a colour.", "Describe Oslo.", "Name a city.")]
@@ -90,7 +95,8 @@ def test_a_row_longer_than_the_running_batch_joins_it_without_a_rebuild(verifier
         batcher.close()
     want = [verifier.generate([p], n)[0] for p, n in zip(short + [long], [32, 32, 32, 24])]
     assert [g.token_ids for g in got] == [tuple(w.token_ids) for w in want]
-    assert stats.widenings >= 1 and stats.rebuilds == 1  # the first rows' prefill only
+    assert stats.rebuilds == 1 and stats.splices >= 1  # the first rows' prefill, then the join
+    assert stats.widenings >= (layout == "padded")
 
 
 def test_concurrent_streams_deliver_every_token_and_the_answer_alone(verifier, ar):
