@@ -125,10 +125,13 @@ class GrammarTimeout(GrammarError):
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """xgrammar's int32 bitmask [n, ceil(V/32)] -> bool [n, V]."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+    """xgrammar's int32 bitmask [n, ceil(V/32)] -> bool [n, V] (CPU; called per token, so one
+    numpy call rather than four tensor ops). The words are little-endian: bit i of word w is token
+    32 w + i."""
+    import numpy as np
+
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab_size].view(bool))
 
 
 class Matcher(Protocol):

@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .constraints import ConstraintKind
@@ -32,8 +33,8 @@ class XGrammarBackend:
         # first byte of each token's text (-1: none, e.g. a special token): what forced_bytes reads
         special = set(self.info.special_token_ids)
         first = [v[0] if v and i not in special else -1 for i, v in enumerate(self.info.decoded_vocab)]
-        self.first_byte = torch.full((vocab_size,), -1, dtype=torch.int16)
-        self.first_byte[: len(first)] = torch.tensor(first[:vocab_size], dtype=torch.int16)
+        self.first_byte = np.full(vocab_size, -1, dtype=np.int16)
+        self.first_byte[: len(first)] = first[:vocab_size]
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_limit_bytes=64 << 20)
         self.disk = GrammarDiskCache(Path(cache_dir), _fingerprint(tokenizer, vocab_size, eos_id)) if cache_dir else None
         self.loaded = CompiledCache()  # with a disk cache: what this process holds
@@ -80,14 +81,16 @@ class XGrammarMatcher:
     def __init__(self, backend: XGrammarBackend, native):
         self.backend = backend
         self.native = native
+        self._bitmask = None  # xgrammar's int32 [1, ceil(V / 32)], filled per call
+
+    def allowed(self) -> torch.Tensor:
+        if self._bitmask is None:
+            self._bitmask = self.backend.xgr.allocate_token_bitmask(1, self.backend.vocab_size)
+        self.native.fill_next_token_bitmask(self._bitmask)
+        return unpack_bitmask(self._bitmask, self.backend.vocab_size)[0]  # its own memory: unpacking copies
 
     def accept_token(self, token: int) -> bool:
         return self.native.accept_token(int(token))
-
-    def allowed(self) -> torch.Tensor:
-        bitmask = self.backend.xgr.allocate_token_bitmask(1, self.backend.vocab_size)
-        self.native.fill_next_token_bitmask(bitmask)
-        return unpack_bitmask(bitmask, self.backend.vocab_size)[0]
 
     def is_terminated(self) -> bool:
         return self.native.is_terminated()
@@ -104,12 +107,12 @@ class XGrammarMatcher:
         out = bytearray()
         probe = XGrammarMatcher(self.backend, m)
         while len(out) < max_bytes and not m.is_terminated():
-            allowed = probe.allowed()
+            allowed = probe.allowed().numpy()
             if allowed[self.backend.eos_id]:
                 break
             firsts = self.backend.first_byte[allowed]
             lead = int(firsts[0]) if len(firsts) else -1
-            if lead < 0 or bool((firsts != lead).any()) or not m.accept_string(bytes([lead])):
+            if lead < 0 or (firsts != lead).any() or not m.accept_string(bytes([lead])):
                 break
             out.append(lead)
         return bytes(out)
