@@ -80,3 +80,12 @@ def test_vllm_backends_are_checked_at_deploy_time():
     assert steps.drafter.vllm_settings("/m").max_denoising_steps == 8  # no longer dropped on vLLM
     with pytest.raises(ValidationError, match="gpu_memory_utilization"):
         AppArgs.model_validate({"drafter": {"vllm": {"gpu_memory_utilization": 1.5}}})
+
+
+def test_the_ar_batch_kv_layout_reaches_the_wiring_and_unknown_ones_are_refused():
+    args = AppArgs.model_validate({"verifier": {"kv_layout": "padded", "max_num_seqs": 12}})
+    wiring = args.verifier.wiring(args.structured)
+    assert (wiring.ar_kv_layout, wiring.ar_max_num_seqs) == ("padded", 12)
+    assert AppArgs().verifier.wiring(AppArgs().structured).ar_kv_layout == "auto"
+    with pytest.raises(ValidationError, match="kv_layout"):
+        AppArgs.model_validate({"verifier": {"kv_layout": "paged"}})
