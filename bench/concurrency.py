@@ -11,6 +11,10 @@ the level's wall time, how many answers validate against their schema, and the s
   replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
   router choose; ``ar`` forces the AR path);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
+* ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
+  KV layout: what the model side serves without the serving layers (its CPU per request is this
+  process's);
+* ``--cpu``: per level, each process's CPU milliseconds per request (``/proc``), by process name;
 * ``--kv-layouts slots,padded``: one app per layout of the AR batch's KV (``models/batch_kv.py``),
   one after the other;
 * ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
@@ -45,21 +49,21 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def one(url: str, model: str, instruction: str, schema: dict, max_tokens: int, route: str | None) -> dict:
-    import jsonschema
-    import requests
-
+def request_body(model: str, instruction: str, schema: dict, max_tokens: int, route: str | None) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
             "messages": [{"role": "user", "content": instruction}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "task", "schema": schema}}}
     if route is not None:
         body["route"] = route
-    start = time.perf_counter()
-    r = requests.post(url, json=body, timeout=300)
-    seconds = time.perf_counter() - start
-    out = {"status": r.status_code, "seconds": seconds, "tokens": 0, "valid": False}
-    if r.status_code == 200:
-        reply = r.json()
+    return body
+
+
+def outcome(status: int, reply: dict, schema: dict, seconds: float) -> dict:
+    """One answer: its status, latency, completion tokens and whether it validates."""
+    import jsonschema
+
+    out = {"status": status, "seconds": seconds, "tokens": 0, "valid": False}
+    if status == 200:
         out["tokens"] = reply["usage"]["completion_tokens"]
         try:
             jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), schema)
@@ -69,12 +73,49 @@ def one(url: str, model: str, instruction: str, schema: dict, max_tokens: int, r
     return out
 
 
+def one(url: str, model: str, instruction: str, schema: dict, max_tokens: int, route: str | None) -> dict:
+    import requests
+
+    start = time.perf_counter()
+    r = requests.post(url, json=request_body(model, instruction, schema, max_tokens, route), timeout=300)
+    return outcome(r.status_code, r.json() if r.status_code == 200 else {}, schema, time.perf_counter() - start)
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every process on this machine, summed by name: Ray's
+    process title (``ray::ServeReplica:dgserve:Drafter``, ``ray::ProxyActor``) or the program."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        first = argv[0].decode(errors="replace").split()
+        name = first[0] if first and first[0].startswith("ray::") else os.path.basename(first[0]) if first else "?"
+        if name.startswith("python") and len(argv) > 2:  # python -m module / python script
+            name = argv[2].decode(errors="replace") if argv[1] == b"-m" else os.path.basename(argv[1].decode(errors="replace"))
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def level(url: str, model: str, items: list[tuple[str, dict]], clients: int, max_tokens: int,
-          route: str | None) -> dict:
+          route: str | None, cpu: bool = False) -> dict:
+    before = cpu_seconds() if cpu else {}
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda it: one(url, model, it[0], it[1], max_tokens, route), items))
     wall = time.perf_counter() - start
+    spent = {k: v - before.get(k, 0.0) for k, v in cpu_seconds().items()} if cpu else None
+    return summary(results, wall, clients, spent)
+
+
+def summary(results: list[dict], wall: float, clients: int, spent: dict[str, float] | None = None) -> dict:
+    """A level's figures; ``spent``: CPU seconds by process over the level."""
     ok = [r for r in results if r["status"] == 200]
     statuses: dict[str, int] = {}
     for r in results:
@@ -83,7 +124,10 @@ def level(url: str, model: str, items: list[tuple[str, dict]], clients: int, max
     return {"concurrency": clients, "requests": len(results), "p50_ms": round(1000 * statistics.median(lat)),
             "p90_ms": round(1000 * pct(lat, 0.9)), "req_s": round(len(results) / wall, 2),
             "tok_s": round(sum(r["tokens"] for r in ok) / wall, 1), "valid": sum(r["valid"] for r in ok),
-            "invalid_success": sum(not r["valid"] for r in ok), "statuses": statuses}
+            "invalid_success": sum(not r["valid"] for r in ok), "statuses": statuses,
+            **({"cpu_ms_per_request": {k: round(1000 * v / len(results), 1) for k, v in
+                                       sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
+               if spent is not None else {})}
 
 
 def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> None:
@@ -91,7 +135,8 @@ def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> Non
         one(url, model, instruction, schema, max_tokens, route)
 
 
-def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",)) -> list[dict]:
+def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",),
+                 cpu: bool = False) -> list[dict]:
     import ray
     from ray import serve
 
@@ -115,7 +160,7 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
                 for c in levels:
                     name = (f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
                             + (f", KV {layout}" if len(kv_layouts) > 1 else ""))
-                    out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced)})
+                    out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced, cpu)})
                     print(json.dumps(out[-1]), file=sys.stderr)
             serve.delete("dgserve")
         return out
@@ -124,7 +169,59 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
         ray.shutdown()
 
 
-def vllm_runs(items, levels, max_tokens, extra_args: list[str] = ()) -> list[dict]:
+def in_process_runs(items, levels, routes, max_tokens, kv_layouts: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """The app's pipeline in this process, no Ray and no HTTP: the same roles (the models, the AR
+    batcher, the validator) behind ``Gateway.chat``, the router calibrated as at start-up, and each
+    level's requests ``c`` at a time on one event loop. What the model side serves without the
+    serving layers around it."""
+    import asyncio
+
+    import torch
+
+    from models.drafter import DiffusionDrafter
+    from models.verifier import ARVerifier
+    from pipeline.assemble import Wiring, local_pipeline
+    from pipeline.gateway import Gateway
+    from pipeline.route_estimates import calibration_jobs
+
+    torch.set_num_threads(1)  # as the Drafter replica's torch_threads
+    drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
+    ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+    out = []
+    for layout in kv_layouts:
+        pipe = local_pipeline(drafter, ar, Wiring(ar_max_num_seqs=max(levels), ar_kv_layout=layout))
+        gw = Gateway(pipe, "dgserve-tiny")
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(pipe.calibrate(calibration_jobs(64), pipe.policy.calibration_requests))
+
+        async def run(batch, clients: int, route: str | None) -> list[dict]:
+            gate = asyncio.Semaphore(clients)
+
+            async def call(instruction: str, schema: dict) -> dict:
+                async with gate:
+                    start = time.perf_counter()
+                    body = request_body("dgserve-tiny", instruction, schema, max_tokens, route)
+                    reply = await gw.chat(json.dumps(body).encode())
+                    return outcome(reply.status, reply.body, schema, time.perf_counter() - start)
+
+            return list(await asyncio.gather(*(call(*it) for it in batch)))
+
+        for route in routes:
+            forced = None if route == "auto" else route
+            loop.run_until_complete(run(items[:2], 1, forced))  # warm
+            for c in levels:
+                cpu, start = time.process_time(), time.perf_counter()
+                results = loop.run_until_complete(run(items, c, forced))
+                spent = {"this process": time.process_time() - cpu}
+                name = f"in process {route}" + (f", KV {layout}" if len(kv_layouts) > 1 else "")
+                out.append({"server": name, **summary(results, time.perf_counter() - start, c, spent)})
+                print(json.dumps(out[-1]), file=sys.stderr)
+        pipe.ar.batcher.close()
+        loop.close()
+    return out
+
+
+def vllm_runs(items, levels, max_tokens, extra_args: list[str] = (), cpu: bool = False) -> list[dict]:
     from bench.peer import MODEL_NAME, peer
 
     with peer(max_num_seqs=max(levels), extra_args=extra_args) as base:
@@ -132,7 +229,7 @@ def vllm_runs(items, levels, max_tokens, extra_args: list[str] = ()) -> list[dic
         warm(url, MODEL_NAME, items, max_tokens, None)
         out = []
         for c in levels:
-            out.append({"server": "vLLM (AR + xgrammar)", **level(url, MODEL_NAME, items, c, max_tokens, None)})
+            out.append({"server": "vLLM (AR + xgrammar)", **level(url, MODEL_NAME, items, c, max_tokens, None, cpu)})
             print(json.dumps(out[-1]), file=sys.stderr)
         return out
 
@@ -150,15 +247,22 @@ def main() -> None:
                     help="Drafter replicas (each with its own AR batch through the same weights)")
     ap.add_argument("--kv-layouts", default="auto",
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the pipeline in this process (no Ray, no HTTP) instead of the app")
+    ap.add_argument("--cpu", action="store_true",
+                    help="per level, every process's CPU milliseconds per request (from /proc), by name")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     items = workload(a.n)
     routes = [r for r in a.routes.split(",") if r]
-    rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas,
-                        tuple(a.kv_layouts.split(","))) if routes else []
+    layouts = tuple(a.kv_layouts.split(","))
+    if a.in_process:
+        rows = in_process_runs(items, levels, routes, a.max_tokens, layouts) if routes else []
+    else:
+        rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu) if routes else []
     if a.vllm:
-        rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split())
+        rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split(), a.cpu)
     if a.json:
         print(json.dumps(rows))
         return
