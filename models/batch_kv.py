@@ -23,8 +23,9 @@ from typing import Protocol, Sequence
 
 import torch
 
+from .causal_encoder import SlotKV, lean_encoder
 from .loading import left_padded
-from .verifier import ARVerifier, feed, row_positions
+from .verifier import ARVerifier, DiffusionCausalLM, feed, row_positions
 
 
 class Row(Protocol):
@@ -47,9 +48,6 @@ class BatchKV(Protocol):
 
 def batch_kv(verifier: ARVerifier, rows: int, layout: str = "auto", max_padding: int = 64) -> BatchKV:
     """``layout``: ``slots``, ``padded``, or ``auto`` (slots where the model allows it)."""
-    from .causal_encoder import lean_encoder
-    from .verifier import DiffusionCausalLM
-
     if layout not in ("auto", "slots", "padded"):
         raise ValueError(f"unknown KV layout {layout!r}; expected auto, slots or padded")
     encoder = lean_encoder(verifier.lm.model) if layout != "padded" and isinstance(verifier.lm, DiffusionCausalLM) else None
@@ -64,8 +62,6 @@ class SlotBatch:
     """Rows in the slots of a :class:`models.causal_encoder.SlotKV`, running row ``b`` in slot ``b``."""
 
     def __init__(self, encoder, rows: int):
-        from .causal_encoder import SlotKV
-
         self.encoder = encoder
         self.kv = SlotKV(encoder, rows)
         self.lengths: list[int] = []  # the tokens each running row has in its slot

@@ -107,6 +107,7 @@ class SlotKV:
                 cap *= 2
             self._allocate(max(slots, self.slots), cap)
 
+    @torch.inference_mode()
     def keep(self, rows: Sequence[int], columns: int) -> None:
         """Rows ``rows`` (ascending) move up to slots ``0..len(rows) - 1``: the first ``columns``
         columns of each, which hold everything they have."""
@@ -197,7 +198,7 @@ class CausalEncoder:
             row_of = torch.repeat_interleave(torch.arange(rows, device=dev), torch.tensor(counts, device=dev))
             col = torch.cat([torch.arange(c, device=dev) for c in counts])
             pos = start[row_of] + col
-        slot = (first + (torch.arange(rows, device=dev)[:, None].expand(rows, k).reshape(-1) if uniform else row_of))
+        slot = first + (torch.arange(rows, device=dev).repeat_interleave(k) if uniform else row_of)  # [T]
         # per query (every row laid out to k positions): the columns it sees, per layer kind
         qpos = start[:, None] + torch.arange(k, device=dev)  # [rows, k]
         cols = torch.arange(top, device=dev)
