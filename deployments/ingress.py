@@ -110,18 +110,30 @@ def openapi_document(app: FastAPI, model_names: list[str] | None) -> dict:
 http.openapi = partial(openapi_document, http, None)
 
 
-@http.middleware("http")
-async def _require_key(request: Request, call_next):
+class RequireKey:
     """With an API key configured, every path but /health (the docs and /openapi.json included)
-    needs it; the Gateway checks the generation endpoints again itself."""
-    gateway = getattr(request.app.state, "gateway", None)
-    path = request.url.path.removeprefix(request.scope.get("root_path", "")) or "/"
-    if gateway is not None and gateway.api_key is not None and path != "/health" and not _open_page(request, path):
-        try:
-            gateway.authorize(request.headers)
-        except PipelineError as e:
-            return _respond(error_reply(e))
-    return await call_next(request)
+    needs it; the Gateway checks the generation endpoints again itself. A plain ASGI middleware:
+    Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) runs every request through an extra
+    task and stream pair."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            request = Request(scope)
+            gateway = getattr(request.app.state, "gateway", None)
+            path = request.url.path.removeprefix(scope.get("root_path", "")) or "/"
+            if gateway is not None and gateway.api_key is not None and path != "/health" \
+                    and not _open_page(request, path):
+                try:
+                    gateway.authorize(request.headers)
+                except PipelineError as e:
+                    return await _respond(error_reply(e))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+http.add_middleware(RequireKey)
 
 
 def _open_page(request: Request, path: str) -> bool:
