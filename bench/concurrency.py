@@ -149,7 +149,7 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
         replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
         url = "http://127.0.0.1:8767/v1/chat/completions"
         out = []
-        for layout in kv_layouts:  # one app after the other, alternating nothing else
+        for layout in kv_layouts:  # one app per layout, one after the other
             args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
                     "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
                     "ingress": {"max_ongoing_requests": 4 * top + 8}}
