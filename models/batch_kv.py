@@ -114,12 +114,12 @@ class PaddedBatch:
                                            self.mask, self.cur, self.cache, self.verifier.pad_id)
         if not joined:
             return logits
-        longest = max(len(r.prompt) + len(r.out) for r in joined)
-        if longest > self.cur:  # a joining row longer than the batch: widen it on the left
-            if not _widen_cache(self.cache, longest - self.cur):
+        joining = max(len(r.prompt) + len(r.out) for r in joined)
+        if joining > self.cur:  # a joining row longer than the batch: widen it on the left
+            if not _widen_cache(self.cache, joining - self.cur):
                 return self._rebuild([*active, *joined])
-            pad = torch.zeros(len(active), longest - self.cur, dtype=self.mask.dtype, device=self.mask.device)
-            self.mask, self.cur = torch.cat([pad, self.mask], 1), longest
+            pad = torch.zeros(len(active), joining - self.cur, dtype=self.mask.dtype, device=self.mask.device)
+            self.mask, self.cur = torch.cat([pad, self.mask], 1), joining
             self.widenings += 1
         spliced = self._splice(logits, joined)
         return spliced if spliced is not None else self._rebuild([*active, *joined])

@@ -190,17 +190,17 @@ class CausalEncoder:
             self._rope_tables(max(top, 2 * self._rope_positions))
         ids = torch.tensor([t for row in tokens for t in row], dtype=torch.long, device=dev)
         uniform = all(c == k for c in counts)
-        start = torch.tensor(list(starts), device=dev)
+        # every row laid out to k positions (its queries); a row's own tokens are its first ones
+        qpos = torch.tensor(list(starts), device=dev)[:, None] + torch.arange(k, device=dev)  # [rows, k]
         if uniform:
             row_of = col = None
-            pos = (start[:, None] + torch.arange(k, device=dev)).reshape(-1)
+            pos = qpos.reshape(-1)  # [T]
         else:
             row_of = torch.repeat_interleave(torch.arange(rows, device=dev), torch.tensor(counts, device=dev))
             col = torch.cat([torch.arange(c, device=dev) for c in counts])
-            pos = start[row_of] + col
+            pos = qpos[row_of, col]
         slot = first + (torch.arange(rows, device=dev).repeat_interleave(k) if uniform else row_of)  # [T]
-        # per query (every row laid out to k positions): the columns it sees, per layer kind
-        qpos = start[:, None] + torch.arange(k, device=dev)  # [rows, k]
+        # per query: the columns it sees, per layer kind
         cols = torch.arange(top, device=dev)
         causal = cols <= qpos[..., None]  # [rows, k, top]
         masks = {False: causal.unsqueeze(1), True: (causal & (cols > qpos[..., None] - self.window)).unsqueeze(1)}
