@@ -142,7 +142,8 @@ class Matcher(Protocol):
         ...
 
     def allowed(self) -> torch.Tensor:
-        """Bool [vocab] of the tokens the grammar accepts next."""
+        """Bool [vocab] of the tokens the grammar accepts next (read it, do not write into it: a
+        matcher may return the same tensor until it moves)."""
         ...
 
     def is_terminated(self) -> bool:
@@ -184,6 +185,7 @@ class GrammarEngine:
         pieces = [tokenizer.decode([i]) for i in range(min(vocab_size, len(tokenizer)))]
         self.digits_only = torch.zeros(vocab_size, dtype=torch.bool)  # tokens made of digits alone
         self.digits_only[: len(pieces)] = torch.tensor([p.isdigit() and p.isascii() for p in pieces])
+        self._pieces = pieces  # each token's text: what the processors' guards read
         self.max_digit_run = max_digit_run
         # special tokens other than <eos> are never part of an answer: an engine that reads a
         # special token's text (xgrammar takes "<pad>" for five characters of a string) must not
@@ -192,6 +194,10 @@ class GrammarEngine:
         self.special[[i for i in getattr(tokenizer, "all_special_ids", []) if i != eos_id and i < vocab_size]] = True
         self.jump_forward = jump_forward  # AR processors append the text the grammar forces (GrammarProcessor.jump)
         self.max_jump_bytes = max_jump_bytes
+
+    def piece(self, token: int) -> str:
+        """The text of one token alone."""
+        return self._pieces[token] if 0 <= token < len(self._pieces) else self.tokenizer.decode([token])
 
     @staticmethod
     def supports(kind: str) -> bool:
@@ -310,7 +316,7 @@ class GrammarProcessor:
         for i in range(self.seen, len(generated)):
             t = int(generated[i])
             self.matcher.accept_token(t)
-            piece = self.engine.tokenizer.decode([t])
+            piece = self.engine.piece(t)
             tail = len(piece) - len(piece.rstrip("0123456789"))
             self.digit_run = self.digit_run + tail if tail == len(piece) else tail
             self.repeat = self.repeat + 1 if i > 0 and generated[i - 1] == t else 1

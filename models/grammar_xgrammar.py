@@ -82,15 +82,23 @@ class XGrammarMatcher:
         self.backend = backend
         self.native = native
         self._bitmask = None  # xgrammar's int32 [1, ceil(V / 32)], filled per call
+        # what allowed() returned, until the matcher moves: a decoding step asks twice in one
+        # state (the jump-forward probe after a token, the next token's mask)
+        self._allowed: torch.Tensor | None = None
 
     def allowed(self) -> torch.Tensor:
-        if self._bitmask is None:
-            self._bitmask = self.backend.xgr.allocate_token_bitmask(1, self.backend.vocab_size)
-        self.native.fill_next_token_bitmask(self._bitmask)
-        return unpack_bitmask(self._bitmask, self.backend.vocab_size)[0]  # its own memory: unpacking copies
+        if self._allowed is None:
+            if self._bitmask is None:
+                self._bitmask = self.backend.xgr.allocate_token_bitmask(1, self.backend.vocab_size)
+            self.native.fill_next_token_bitmask(self._bitmask)
+            self._allowed = unpack_bitmask(self._bitmask, self.backend.vocab_size)[0]  # unpacking copies
+        return self._allowed
 
     def accept_token(self, token: int) -> bool:
-        return self.native.accept_token(int(token))
+        ok = self.native.accept_token(int(token))
+        if ok:
+            self._allowed = None
+        return ok
 
     def is_terminated(self) -> bool:
         return self.native.is_terminated()
@@ -103,17 +111,21 @@ class XGrammarMatcher:
         not end here. Like xgrammar's ``find_jump_forward_string``, but bounded: that one never
         returns for a grammar whose forced text is infinite (a schema where every object must hold
         another)."""
-        m = self.native.fork()
         out = bytearray()
-        probe = XGrammarMatcher(self.backend, m)
-        while len(out) < max_bytes and not m.is_terminated():
+        probe = self  # this matcher (its mask is the next token's too) until a byte is forced, then a fork
+        while len(out) < max_bytes and not probe.native.is_terminated():
             allowed = probe.allowed().numpy()
             if allowed[self.backend.eos_id]:
                 break
             firsts = self.backend.first_byte[allowed]
             lead = int(firsts[0]) if len(firsts) else -1
-            if lead < 0 or (firsts != lead).any() or not m.accept_string(bytes([lead])):
+            if lead < 0 or (firsts != lead).any():
                 break
+            if probe is self:
+                probe = self.fork()
+            if not probe.native.accept_string(bytes([lead])):
+                break
+            probe._allowed = None
             out.append(lead)
         return bytes(out)
 

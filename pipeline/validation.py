@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Callable, Protocol
 
@@ -314,19 +316,35 @@ def _through_ref(schema: Any, schema_path) -> bool:
 
 class JsonSchemaValidator:
     """JSON Schema, draft picked from ``$schema``; errors carry their JSON path and the span of the
-    answer they point at. Size and nesting caps keep one hostile schema from stalling a replica."""
+    answer they point at. Size and nesting caps keep one hostile schema from stalling a replica.
+    The schemas ``prepare`` accepted are remembered (the last ``remember``), so a schema sent again
+    is not checked against its metaschema again: that check costs more than validating an answer."""
 
-    def __init__(self, max_schema_bytes: int = 64_000, max_depth: int = 24):
+    def __init__(self, max_schema_bytes: int = 64_000, max_depth: int = 24, remember: int = 1024):
         self.max_schema_bytes = max_schema_bytes
         self.max_depth = max_depth
+        self.remember = remember
+        self._accepted: OrderedDict[str, None] = OrderedDict()  # canonical schema texts, most recent last
+        self._lock = threading.Lock()
 
     def prepare(self, spec: Any) -> None:
+        if not isinstance(spec, (dict, bool)):
+            raise ConstraintError("response_format.json_schema.schema must be a JSON object")
+        text = json.dumps(spec, sort_keys=True)
+        with self._lock:
+            if text in self._accepted:
+                self._accepted.move_to_end(text)
+                return
+        self._check(spec, len(text))  # a refusal is not remembered: it raises every time
+        with self._lock:
+            self._accepted[text] = None
+            while len(self._accepted) > self.remember:
+                self._accepted.popitem(last=False)
+
+    def _check(self, spec: Any, size: int) -> None:
         from jsonschema.exceptions import SchemaError
         from jsonschema.validators import validator_for
 
-        if not isinstance(spec, (dict, bool)):
-            raise ConstraintError("response_format.json_schema.schema must be a JSON object")
-        size = len(json.dumps(spec))
         if size > self.max_schema_bytes:
             raise ConstraintError(f"JSON Schema of {size} bytes exceeds the limit of {self.max_schema_bytes}")
         depth = nesting_depth(spec)

@@ -215,6 +215,27 @@ def test_the_processor_jumps_over_what_the_grammar_forces(engine):
         engine.jump_forward = True
 
 
+def test_a_matchers_mask_follows_its_state(engine):
+    """allowed() asked again in one state, after a probe of the forced text, and after each move
+    equals what a fresh matcher over the same tokens allows."""
+    tok = engine.tokenizer
+    schema = {"type": "object", "required": ["name", "n"], "properties": {
+        "name": {"type": "string"}, "n": {"type": "integer"}}}
+    ids = tok('{"name":"Ada","n":12}', add_special_tokens=False)["input_ids"]
+    m = engine.matcher("json_schema", schema)
+    for i, t in enumerate(ids):
+        fresh = engine.matcher("json_schema", schema, ids[:i])
+        assert torch.equal(m.allowed(), fresh.allowed())
+        forced = m.forced_bytes(16)  # probes without moving the matcher
+        assert forced == fresh.forced_bytes(16)
+        assert torch.equal(m.allowed(), fresh.allowed())
+        rejected = int((~m.allowed()).nonzero()[0])
+        assert not m.accept_token(rejected)  # a rejected token leaves the state (and its mask) as it was
+        assert torch.equal(m.allowed(), fresh.allowed())
+        assert m.accept_token(t)
+    assert m.allowed()[EOS_ID] and not engine.matcher("json_schema", schema, ids[:-1]).allowed()[EOS_ID]
+
+
 def test_jump_forward_takes_fewer_forwards_for_the_same_answers(engine, verifier, monkeypatch):
     exs = list(tasks.examples("eval", 43, 12, kind="json"))
     outs, forwards = {}, {}

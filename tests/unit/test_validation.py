@@ -60,6 +60,29 @@ def test_broken_schemas_are_refused_with_the_reason(schema, fragment):
     assert fragment in str(e.value)
 
 
+def test_accepted_schemas_are_remembered_refusals_are_not(monkeypatch):
+    from jsonschema.validators import Draft202012Validator
+
+    from pipeline.validation import JsonSchemaValidator
+
+    checks = []
+    real = Draft202012Validator.check_schema.__func__
+    monkeypatch.setattr(Draft202012Validator, "check_schema",
+                        classmethod(lambda cls, s, **kw: (checks.append(1), real(cls, s, **kw))[1]))
+    v = JsonSchemaValidator(remember=2)
+    v.prepare(SCHEMA)
+    v.prepare(json.loads(json.dumps(SCHEMA, sort_keys=True)))  # the same schema, keys in another order
+    assert len(checks) == 1
+    for _ in range(2):  # a refused schema is checked, and refused, every time
+        with pytest.raises(ConstraintError, match="invalid JSON Schema"):
+            v.prepare({"type": "nope"})
+    assert len(checks) == 3
+    v.prepare({"type": "integer"})
+    v.prepare({"type": "string"})  # the third accepted schema: the first is forgotten
+    v.prepare(SCHEMA)
+    assert len(checks) == 6
+
+
 def test_schema_size_and_depth_limits():
     deep = {"type": "object"}
     for _ in range(40):
