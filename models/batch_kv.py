@@ -68,17 +68,20 @@ class SlotBatch:
         self.rebuilds = self.splices = self.widenings = 0
 
     def advance(self, active, joined):
-        # one forward: the running rows' new tokens and the joining rows' prefills side by side
-        seqs = [r.new for r in active] + [r.prompt + r.out for r in joined]
-        starts = self.lengths + [0] * len(joined)
-        logits = self.encoder.forward(self.kv, 0, seqs, starts)
-        self.lengths = [n + len(t) for n, t in zip(starts, seqs)]
+        parts = []
+        if active:
+            news = [r.new for r in active]
+            parts.append(self.encoder.forward(self.kv, 0, news, self.lengths))
+            self.lengths = [n + len(t) for n, t in zip(self.lengths, news)]
         if joined:
+            seqs = [r.prompt + r.out for r in joined]
+            parts.append(self.encoder.forward(self.kv, len(active), seqs, [0] * len(seqs)))
+            self.lengths += [len(s) for s in seqs]
             if active:
                 self.splices += 1
             else:
                 self.rebuilds += 1
-        return logits
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def keep(self, rows):
         if rows:
