@@ -178,8 +178,7 @@ class ARBatcher:
             self._peak = max(self._peak, len(active))
             keep = [b for b, row in enumerate(active) if self._advance(row, logits[b])]
             if len(keep) < len(active):
-                active = [active[b] for b in keep]
-                self.kv.keep(keep)
+                active = [active[b] for b in self.kv.keep(keep)]
 
     def _advance(self, row: _Row, row_logits: torch.Tensor) -> bool:
         """Pick ``row``'s next token; False when the row left (its future then holds the outcome)."""

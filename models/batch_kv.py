@@ -41,7 +41,10 @@ class BatchKV(Protocol):
 
     def advance(self, active: Sequence[Row], joined: Sequence[Row]) -> torch.Tensor: ...
 
-    def keep(self, rows: Sequence[int]) -> None: ...
+    def keep(self, rows: Sequence[int]) -> list[int]:
+        """Only the running rows ``rows`` (ascending) stay; returns them in the order the KV now
+        holds them (the batch's rows from then on, in that order)."""
+        ...
 
     def reset(self) -> None: ...
 
@@ -84,9 +87,19 @@ class SlotBatch:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def keep(self, rows):
-        if rows:
-            self.kv.keep(rows, max(self.lengths))
-        self.lengths = [self.lengths[b] for b in rows]
+        # the rows past the first len(rows) slots move into the slots the leavers free, so a row
+        # that leaves costs one slot's copy, not a shift of every slot behind it
+        n = len(rows)
+        stay = [b for b in rows if b < n]
+        movers = [b for b in rows if b >= n]
+        holes = sorted(set(range(n)) - set(stay))
+        if movers:
+            self.kv.move(movers, holes, max(self.lengths))
+        order = list(range(n))
+        for src, dst in zip(movers, holes):
+            order[dst] = src
+        self.lengths = [self.lengths[b] for b in order]
+        return order
 
     def reset(self):
         self.lengths = []
@@ -126,10 +139,12 @@ class PaddedBatch:
 
     def keep(self, rows):
         if not rows:
-            return self.reset()
+            self.reset()
+            return []
         idx = torch.tensor(list(rows), device=self.lm.device)
         self.cache.batch_select_indices(idx)
         self.mask = self.mask[idx]
+        return list(rows)
 
     def reset(self):
         self.cache = self.mask = None

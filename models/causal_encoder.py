@@ -108,14 +108,13 @@ class SlotKV:
             self._allocate(max(slots, self.slots), cap)
 
     @torch.inference_mode()
-    def keep(self, rows: Sequence[int], columns: int) -> None:
-        """Rows ``rows`` (ascending) move up to slots ``0..len(rows) - 1``: the first ``columns``
-        columns of each, which hold everything they have."""
-        if list(rows) == list(range(len(rows))):
-            return
-        idx = torch.tensor(list(rows), device=self.keys[0].device)
+    def move(self, src: Sequence[int], dst: Sequence[int], columns: int) -> None:
+        """Slot ``src[i]`` copied into slot ``dst[i]``: the first ``columns`` columns, which hold
+        everything a row has (no slot is both a source and a destination)."""
+        dev = self.keys[0].device
+        src_idx, dst_idx = torch.tensor(list(src), device=dev), torch.tensor(list(dst), device=dev)
         for t in self.keys + self.values:
-            t[:len(rows), :, :columns] = t[idx, :, :columns]
+            t[dst_idx, :, :columns] = t[src_idx, :, :columns]
 
 
 class CausalEncoder:

@@ -79,10 +79,36 @@ def test_rows_that_leave_or_join_change_nothing_for_the_others(tiny):
         kv = SlotKV(enc, 2)
         enc.forward(kv, 0, prompts[:2], [0, 0])
         enc.forward(kv, 2, prompts[2:], [0, 0])  # two rows join into slots 2 and 3
-        kv.keep([1, 3], max(len(p) for p in prompts))  # rows 0 and 2 leave
-        got = enc.forward(kv, 0, [[5], [6, 7]], [12, 7])
-        want = _hf(tiny, [prompts[1] + [5], prompts[3] + [6, 7]])[0]
+        kv.move([3], [0], max(len(p) for p in prompts))  # rows 0 and 2 leave: row 3 takes slot 0
+        got = enc.forward(kv, 0, [[6, 7], [5]], [7, 12])
+        want = _hf(tiny, [prompts[3] + [6, 7], prompts[1] + [5]])[0]
     assert (got - want).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("stay, order", [
+    ([1, 3], [3, 1]),  # the last row fills the first hole
+    ([0, 1, 2], [0, 1, 2]),  # the last row left: nothing moves
+    ([2, 3], [2, 3]),
+    ([0, 3], [0, 3]),
+    ([], []),
+])
+def test_a_slot_batch_fills_the_slots_rows_leave_from_its_last_rows(tiny, stay, order):
+    from types import SimpleNamespace
+
+    from models.batch_kv import SlotBatch
+
+    batch = SlotBatch(lean_encoder(tiny.lm.model), 4)
+    prompts = _prompts([9, 20, 5, 14], seed=4)
+    rows = [SimpleNamespace(prompt=p, out=[], new=[]) for p in prompts]
+    with torch.inference_mode():
+        batch.advance([], rows)
+        assert batch.keep(stay) == order
+        if not order:
+            return
+        for b in order:
+            rows[b].out, rows[b].new = [40 + b], [40 + b]
+        got = batch.advance([rows[b] for b in order], [])
+    assert (got - _hf(tiny, [prompts[b] + [40 + b] for b in order])[0]).abs().max() < ATOL
 
 
 def test_a_long_prefill_routes_tokens_per_expert_and_matches(tiny):
