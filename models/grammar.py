@@ -351,13 +351,14 @@ class GrammarProcessor:
     def __call__(self, generated: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         self._sync(generated)
         allowed = self.engine.allowed(self.matcher)
-        banned = torch.zeros_like(allowed)
-        if self.digit_run >= self.engine.max_digit_run:
-            banned |= self.engine.digits_only
-        if generated and self.repeat >= self.max_repeat:  # no token more than max_repeat times in a row
-            banned[int(generated[-1])] = True
-        if (allowed & ~banned).any():
-            allowed = allowed & ~banned
+        digits = self.digit_run >= self.engine.max_digit_run
+        repeats = bool(generated) and self.repeat >= self.max_repeat  # no token more than max_repeat times in a row
+        if digits or repeats:  # (most steps trip neither guard)
+            banned = self.engine.digits_only.clone() if digits else torch.zeros_like(allowed)
+            if repeats:
+                banned[int(generated[-1])] = True
+            if (allowed & ~banned).any():
+                allowed = allowed & ~banned
         return logits.masked_fill(~allowed.to(logits.device)[: logits.shape[-1]], float("-inf"))
 
 
