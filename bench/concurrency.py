@@ -14,6 +14,8 @@ the level's wall time, how many answers validate against their schema, and the s
 * ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
   KV layout: what the model side serves without the serving layers (its CPU per request is this
   process's);
+* ``--batcher``: the AR batcher alone, per KV layout: every request submitted at once, ``c``
+  running; requests/s, the mean rows per step, milliseconds per forward and per row's pick;
 * ``--cpu``: per level, each process's CPU milliseconds per request (``/proc``), by process name;
 * ``--kv-layouts slots,padded``: one app per layout of the AR batch's KV (``models/batch_kv.py``),
   one after the other;
@@ -71,16 +73,20 @@ def schema_validator(schema_text: str):
     return cls(schema)
 
 
+def valid_answer(text, schema: dict) -> bool:
+    """``text`` is JSON that validates against ``schema``."""
+    try:
+        return schema_validator(json.dumps(schema, sort_keys=True)).is_valid(json.loads(text))
+    except (TypeError, ValueError):  # no answer, not JSON
+        return False
+
+
 def outcome(status: int, reply: dict, schema: dict, seconds: float) -> dict:
     """One answer: its status, latency, completion tokens and whether it validates."""
     out = {"status": status, "seconds": seconds, "tokens": 0, "valid": False}
     if status == 200:
         out["tokens"] = reply["usage"]["completion_tokens"]
-        try:
-            answer = json.loads(reply["choices"][0]["message"]["content"])
-            out["valid"] = schema_validator(json.dumps(schema, sort_keys=True)).is_valid(answer)
-        except Exception:  # no answer, not JSON: not valid
-            pass
+        out["valid"] = valid_answer(reply["choices"][0]["message"]["content"], schema)
     return out
 
 
@@ -232,6 +238,49 @@ def in_process_runs(items, levels, routes, max_tokens, kv_layouts: tuple[str, ..
     return out
 
 
+def batcher_runs(items, levels, max_tokens, kv_layouts: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """The AR batcher alone (``models/ar_batch.py``), per KV layout: every request submitted at
+    once, at most ``c`` running, each under its schema's grammar; no gateway, no validator
+    replica, no HTTP. What the model side can serve on one core, with where its time goes."""
+    import torch
+
+    from models.ar_batch import ARBatcher
+    from models.drafter import DiffusionDrafter
+    from models.grammar import GrammarEngine
+    from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
+    from models.verifier import ARVerifier
+
+    torch.set_num_threads(1)  # as the Drafter replica's torch_threads
+    drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
+    ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
+    engine = GrammarEngine(drafter.tokenizer, drafter.model.config.text_config.vocab_size, EOS_ID, PAD_ID)
+    prompts = [encode_prompt(drafter.tokenizer, instruction) for instruction, _ in items]
+    out = []
+    for layout in kv_layouts:
+        for c in levels:
+            batcher = ARBatcher(ar, c, kv_layout=layout)
+            try:
+                for warm_up in (True, False):
+                    batch = items[:2] if warm_up else items
+                    start, before = time.perf_counter(), batcher.stats()
+                    futures = [batcher.submit(p, max_tokens, processor=engine.processor("json_schema", schema))
+                               for p, (_, schema) in zip(prompts, batch)]
+                    gens = [f.result() for f in futures]
+                    wall, after = time.perf_counter() - start, batcher.stats()
+            finally:
+                batcher.close()
+            results = [{"status": 200, "seconds": g.total_s, "tokens": len(g.token_ids),
+                        "valid": valid_answer(g.text, schema)}
+                       for g, (_, schema) in zip(gens, items)]
+            steps, rows = after.steps - before.steps, after.row_steps - before.row_steps
+            name = "AR batcher alone" + (f", KV {layout}" if len(kv_layouts) > 1 else "")
+            out.append({"server": name, **summary(results, wall, c), "mean_rows": round(rows / steps, 1),
+                        "forward_ms_per_step": round(1000 * (after.forward_s - before.forward_s) / steps, 2),
+                        "pick_ms_per_row": round(1000 * (after.pick_s - before.pick_s) / rows, 3)})
+            print(json.dumps(out[-1]), file=sys.stderr)
+    return out
+
+
 def vllm_runs(items, levels, max_tokens, extra_args: list[str] = (), cpu: bool = False) -> list[dict]:
     from bench.peer import MODEL_NAME, peer
 
@@ -260,6 +309,8 @@ def main() -> None:
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
     ap.add_argument("--in-process", action="store_true",
                     help="the pipeline in this process (no Ray, no HTTP) instead of the app")
+    ap.add_argument("--batcher", action="store_true",
+                    help="the AR batcher alone (no gateway, no HTTP): every request at once, c running")
     ap.add_argument("--cpu", action="store_true",
                     help="per level, every process's CPU milliseconds per request (from /proc), by name")
     ap.add_argument("--json", action="store_true")
@@ -268,7 +319,9 @@ def main() -> None:
     items = workload(a.n)
     routes = [r for r in a.routes.split(",") if r]
     layouts = tuple(a.kv_layouts.split(","))
-    if a.in_process:
+    if a.batcher:
+        rows = batcher_runs(items, levels, a.max_tokens, layouts)
+    elif a.in_process:
         rows = in_process_runs(items, levels, routes, a.max_tokens, layouts) if routes else []
     else:
         rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu) if routes else []

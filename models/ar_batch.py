@@ -62,6 +62,9 @@ class BatchStats:
     widenings: int  # of those, joins that first padded the running cache on the left (padded layout only)
     tokens: int  # tokens produced
     peak_rows: int  # most rows in one step
+    row_steps: int  # rows summed over the steps (row_steps / steps: the mean batch)
+    forward_s: float  # seconds in the model's forwards
+    pick_s: float  # seconds in the rows' picks (masks, sampling, jump-forward, stop rules)
 
 
 class ARBatcher:
@@ -80,7 +83,8 @@ class ARBatcher:
         self._waiting: deque[_Row] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._steps = self._tokens = self._peak = 0
+        self._steps = self._tokens = self._peak = self._row_steps = 0
+        self._forward_s = self._pick_s = 0.0
         self._closed = False
         atexit.register(self.close)  # stop the loop between steps, not inside one, at exit
 
@@ -126,7 +130,8 @@ class ARBatcher:
             thread.join(timeout_s)
 
     def stats(self) -> BatchStats:
-        return BatchStats(self._steps, self.kv.rebuilds, self.kv.splices, self.kv.widenings, self._tokens, self._peak)
+        return BatchStats(self._steps, self.kv.rebuilds, self.kv.splices, self.kv.widenings, self._tokens, self._peak,
+                          self._row_steps, self._forward_s, self._pick_s)
 
     # -- the loop thread --------------------------------------------------------------------
     def _admit(self, active: list[_Row]) -> list[_Row]:
@@ -162,6 +167,7 @@ class ARBatcher:
                     except InvalidStateError:
                         pass
                 return
+            start = time.perf_counter()
             try:
                 logits = self.kv.advance(active, joined)
             except BaseException as e:  # a failing forward fails the rows in it, not the loop
@@ -174,9 +180,13 @@ class ARBatcher:
                 self.kv.reset()
                 continue
             active = active + joined
+            picked = time.perf_counter()
             self._steps += 1
+            self._row_steps += len(active)
             self._peak = max(self._peak, len(active))
             keep = [b for b, row in enumerate(active) if self._advance(row, logits[b])]
+            self._forward_s += picked - start
+            self._pick_s += time.perf_counter() - picked
             if len(keep) < len(active):
                 active = [active[b] for b in self.kv.keep(keep)]
 

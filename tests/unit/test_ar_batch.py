@@ -96,6 +96,9 @@ def test_a_row_longer_than_the_running_batch_joins_it_without_a_rebuild(verifier
     want = [verifier.generate([p], n)[0] for p, n in zip(short + [long], [32, 32, 32, 24])]
     assert [g.token_ids for g in got] == [tuple(w.token_ids) for w in want]
     assert stats.rebuilds == 1 and stats.splices >= 1  # the first rows' prefill, then the join
+    # every token but the ones jumped over comes from one row in one step
+    assert sum(len(g.token_ids) for g in got) <= stats.row_steps <= stats.steps * stats.peak_rows
+    assert stats.row_steps >= max(len(g.token_ids) for g in got) and stats.forward_s > 0 and stats.pick_s > 0
     assert stats.widenings >= (layout == "padded")
 
 
