@@ -10,6 +10,7 @@ the level's wall time, how many answers validate against their schema, and the s
 * dgserve: the real app (``serve.run``, the committed checkpoint, the AR role in the Drafter
   replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
   router choose; ``ar`` forces the AR path);
+* ``--validator-placement ingress``: answers checked in the Ingress replica (no Validator deployment);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
 * ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
   KV layout: what the model side serves without the serving layers (its CPU per request is this
@@ -153,7 +154,7 @@ def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> Non
 
 
 def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",),
-                 cpu: bool = False) -> list[dict]:
+                 cpu: bool = False, validator_placement: str = "replica") -> list[dict]:
     import ray
     from ray import serve
 
@@ -169,6 +170,7 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
         for layout in kv_layouts:  # one app per layout, one after the other
             args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
                     "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
+                    "validator": {"placement": validator_placement},
                     "ingress": {"max_ongoing_requests": 4 * top + 8}}
             serve.run(build_app(args), name="dgserve", route_prefix="/")
             for route in routes:
@@ -176,6 +178,7 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
                 warm(url, "dgserve-tiny", items, max_tokens, forced)
                 for c in levels:
                     name = (f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
+                            + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
                             + (f", KV {layout}" if len(kv_layouts) > 1 else ""))
                     out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced, cpu)})
                     print(json.dumps(out[-1]), file=sys.stderr)
@@ -307,6 +310,8 @@ def main() -> None:
                     help="Drafter replicas (each with its own AR batch through the same weights)")
     ap.add_argument("--kv-layouts", default="auto",
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
+    ap.add_argument("--validator-placement", default="replica", choices=["replica", "ingress"],
+                    help="where the app checks answers (validator.placement)")
     ap.add_argument("--in-process", action="store_true",
                     help="the pipeline in this process (no Ray, no HTTP) instead of the app")
     ap.add_argument("--batcher", action="store_true",
@@ -324,7 +329,8 @@ def main() -> None:
     elif a.in_process:
         rows = in_process_runs(items, levels, routes, a.max_tokens, layouts) if routes else []
     else:
-        rows = dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu) if routes else []
+        rows = (dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu,
+                             a.validator_placement) if routes else [])
     if a.vllm:
         rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split(), a.cpu)
     if a.json:

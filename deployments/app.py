@@ -23,11 +23,12 @@ def _model_deployments(a: AppArgs, suffix: str = ""):
 def build_app(args: dict | None = None):
     """Application builder for ``serve run``/``serve deploy`` (``import_path: deployments.app:build_app``).
     Each model (``model_name``, then ``models:``) gets its own Drafter (and Verifier) deployments,
-    named ``Drafter`` for the default and ``Drafter-<name>`` for the others; one Validator and one
-    Ingress serve them all."""
+    named ``Drafter`` for the default and ``Drafter-<name>`` for the others; one Validator (unless
+    ``validator.placement`` is ``ingress``) and one Ingress serve them all."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     handles = {a.model_name: _model_deployments(a.model_args(0))}
     for i, m in enumerate(a.models):
         handles[m.name] = _model_deployments(a.model_args(i + 1), f"-{m.name}")
-    validator = ValidatorDeployment.options(**a.validator.replica.options()).bind(a.validator)
+    validator = (ValidatorDeployment.options(**a.validator.replica.options()).bind(a.validator)
+                 if a.validator.placement == "replica" else None)
     return Ingress.options(**a.ingress.options()).bind(a, handles, validator)

@@ -163,6 +163,10 @@ class VerifierArgs(ModelArgs):
 
 
 class ValidatorArgs(_Strict):
+    # replica: the Validator deployment checks every answer (it scales apart from the ingress and
+    # keeps custom validators' work off it); ingress: the Ingress replica checks them itself, one
+    # call between replicas fewer per answer (the JSON Schema, regex and Sudoku checks are short)
+    placement: Literal["replica", "ingress"] = "replica"
     replica: ReplicaArgs = ReplicaArgs(num_cpus=0.1, max_ongoing_requests=64)
     validators: dict[str, str] = Field(default_factory=dict)  # kind -> "package.module:Class"
 

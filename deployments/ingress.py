@@ -28,6 +28,7 @@ from pipeline.gateway import Gateway, Reply, error_reply, playground_off
 from pipeline.health import watch
 from pipeline.orchestrator import Pipeline
 from pipeline.telemetry import configure_tracing
+from pipeline.validation import RegistryValidator
 
 from .config import AppArgs
 from .handles import ARHandle, DraftHandle, ValidatorHandle
@@ -170,7 +171,9 @@ class Ingress:
         configure_tracing("ingress")
         self.watched = []  # (drafter handle, breaker) per model, polled by ``watch``
         self.watchers: list = []  # started on the first call (they need the replica's running event loop)
-        checked = ValidatorHandle(validator)
+        registry = args.validator.registry()
+        # ``validator``: the Validator deployment's handle; None: answers are checked here
+        checked = ValidatorHandle(validator) if validator is not None else RegistryValidator(registry)
         pipelines = {}
         for i, name in enumerate(args.model_names()):
             a = args.model_args(i)
@@ -186,7 +189,7 @@ class Ingress:
             if not api_key:
                 raise ValueError(f"auth.api_key_env names {args.auth.api_key_env!r}, which is not set")
         default = pipelines.pop(args.model_name)
-        self.gateway = Gateway(default, args.model_name, args.limits.limits(), args.validator.registry(), api_key,
+        self.gateway = Gateway(default, args.model_name, args.limits.limits(), registry, api_key,
                                ServeMetrics(), others=pipelines, playground=args.playground)
         # ``http`` here is the app this replica serves (Ray Serve deploys a copy of the module's)
         http.state.gateway = self.gateway
