@@ -249,14 +249,16 @@ def batcher_runs(items, levels, max_tokens, kv_layouts: tuple[str, ...] = ("auto
 
     from models.ar_batch import ARBatcher
     from models.drafter import DiffusionDrafter
-    from models.grammar import GrammarEngine
-    from models.tokenizer import EOS_ID, PAD_ID, encode_prompt
+    from models.tokenizer import encode_prompt
     from models.verifier import ARVerifier
+    from pipeline.assemble import Wiring, grammar_engine
 
     torch.set_num_threads(1)  # as the Drafter replica's torch_threads
     drafter = DiffusionDrafter.from_pretrained(None, "cpu", "float32")
     ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-    engine = GrammarEngine(drafter.tokenizer, drafter.model.config.text_config.vocab_size, EOS_ID, PAD_ID)
+    w = Wiring()  # the app's grammar settings
+    engine = grammar_engine(drafter.tokenizer, drafter.model, ar.eos_ids, w.grammar_compile_timeout_s,
+                            w.grammar_engines, w.jump_forward)
     prompts = [encode_prompt(drafter.tokenizer, instruction) for instruction, _ in items]
     out = []
     for layout in kv_layouts:

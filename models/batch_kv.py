@@ -89,10 +89,9 @@ class SlotBatch:
     def keep(self, rows):
         # the rows past the first len(rows) slots move into the slots the leavers free, so a row
         # that leaves costs one slot's copy, not a shift of every slot behind it
-        n = len(rows)
-        stay = [b for b in rows if b < n]
+        n, staying = len(rows), set(rows)
         movers = [b for b in rows if b >= n]
-        holes = sorted(set(range(n)) - set(stay))
+        holes = [s for s in range(n) if s not in staying]
         if movers:
             self.kv.move(movers, holes, max(self.lengths))
         order = list(range(n))

@@ -100,6 +100,13 @@ class XGrammarMatcher:
             self._allowed = None
         return ok
 
+    def accept_bytes(self, data: bytes) -> bool:
+        """Advance over ``data`` (text, not a token); False (and no change) when the grammar rejects it."""
+        ok = self.native.accept_string(data)
+        if ok:
+            self._allowed = None
+        return ok
+
     def is_terminated(self) -> bool:
         return self.native.is_terminated()
 
@@ -123,9 +130,8 @@ class XGrammarMatcher:
                 break
             if probe is self:
                 probe = self.fork()
-            if not probe.native.accept_string(bytes([lead])):
+            if not probe.accept_bytes(bytes([lead])):
                 break
-            probe._allowed = None
             out.append(lead)
         return bytes(out)
 

@@ -324,28 +324,28 @@ class JsonSchemaValidator:
         self.max_schema_bytes = max_schema_bytes
         self.max_depth = max_depth
         self.remember = remember
-        self._accepted: OrderedDict[bytes, None] = OrderedDict()  # hashes of canonical schema texts, most recent last
+        self._accepted: OrderedDict[str, None] = OrderedDict()  # spec_key of each, most recent last
         self._lock = threading.Lock()
 
     def prepare(self, spec: Any) -> None:
         if not isinstance(spec, (dict, bool)):
             raise ConstraintError("response_format.json_schema.schema must be a JSON object")
-        text = json.dumps(spec, sort_keys=True)
-        key = hashlib.sha256(text.encode()).digest()
+        key = spec_key(spec)
         with self._lock:
             if key in self._accepted:
                 self._accepted.move_to_end(key)
                 return
-        self._check(spec, len(text))  # a refusal is not remembered: it raises every time
+        self._check(spec)  # a refusal is not remembered: it raises every time
         with self._lock:
             self._accepted[key] = None
             while len(self._accepted) > self.remember:
                 self._accepted.popitem(last=False)
 
-    def _check(self, spec: Any, size: int) -> None:
+    def _check(self, spec: Any) -> None:
         from jsonschema.exceptions import SchemaError
         from jsonschema.validators import validator_for
 
+        size = len(json.dumps(spec))
         if size > self.max_schema_bytes:
             raise ConstraintError(f"JSON Schema of {size} bytes exceeds the limit of {self.max_schema_bytes}")
         depth = nesting_depth(spec)
