@@ -57,7 +57,7 @@ def test_structured_request_traces_every_stage_under_the_callers_trace(app_url, 
     """A sudoku answer the drafter cannot give: draft -> validate -> repair -> validate -> fallback
     -> validate -> 422, each stage a span, each replica's spans under the caller's trace."""
     tp, trace_id, caller_span = traceparent()
-    r = post(app_url, {"max_tokens": 96, "route": "diffusion",
+    r = post(app_url, {"max_tokens": 96, "route": "diffusion", "seed": 0,  # a draft from fixed noise
                        "messages": [{"role": "user", "content": "Solve " + PUZZLE}],
                        "response_format": {"type": "sudoku", "sudoku": {"puzzle": PUZZLE}}}, tp)
     assert r.status_code == 422, r.text
