@@ -10,6 +10,9 @@ the level's wall time, how many answers validate against their schema, and the s
 * dgserve: the real app (``serve.run``, the committed checkpoint, the AR role in the Drafter
   replica, ``verifier.max_num_seqs`` = the highest level), one route per pass (``auto`` lets the
   router choose; ``ar`` forces the AR path);
+* ``--via direct|proxy|direct,proxy``: requests go to the Ingress replica's own HTTP server (the
+  default: direct ingress, as a load balancer in front sends them, ``deployments/data_plane.py``)
+  or through Serve's HTTP proxy on the app's port;
 * ``--validator-placement ingress``: answers checked in the Ingress replica (no Validator deployment);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
 * ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
@@ -38,7 +41,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `make` sets it; read when Ray is imported
+from deployments.data_plane import apply as apply_ray_env
+
+apply_ray_env()  # as `make serve` starts Ray; read when Ray is imported (a value already set wins)
 
 
 def workload(n: int, seed: int = 401) -> list[tuple[str, dict]]:
@@ -153,8 +158,27 @@ def warm(url: str, model: str, items, max_tokens: int, route: str | None) -> Non
         one(url, model, instruction, schema, max_tokens, route)
 
 
+def direct_url(app: str, timeout_s: float = 60.0) -> str:
+    """The app's Ingress replica's own HTTP server (``deployments/data_plane.py``), once it answers."""
+    import requests
+    from ray.serve.context import _get_global_client
+
+    from deployments.data_plane import direct_ingress_urls
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        urls = direct_ingress_urls(_get_global_client().get_serve_details(), app)
+        try:
+            if urls and requests.get(f"{urls[0]}/health", timeout=5).status_code == 200:
+                return urls[0]
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("no direct ingress answered: is RAY_SERVE_THROUGHPUT_OPTIMIZED=1 set for Ray?")
+
+
 def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",),
-                 cpu: bool = False, validator_placement: str = "replica") -> list[dict]:
+                 cpu: bool = False, validator_placement: str = "replica", via: tuple[str, ...] = ("direct",)) -> list[dict]:
     import ray
     from ray import serve
 
@@ -162,10 +186,10 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
+        proxy = "http://127.0.0.1:8767"  # Serve's HTTP proxy
         serve.start(http_options={"host": "127.0.0.1", "port": 8767})
         top = max(levels)
         replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
-        url = "http://127.0.0.1:8767/v1/chat/completions"
         out = []
         for layout in kv_layouts:  # one app per layout, one after the other
             args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
@@ -173,12 +197,17 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
                     "validator": {"placement": validator_placement},
                     "ingress": {"max_ongoing_requests": 4 * top + 8}}
             serve.run(build_app(args), name="dgserve", route_prefix="/")
-            for route in routes:
+            bases = {"proxy": proxy}
+            if "direct" in via:
+                bases["direct"] = direct_url("dgserve")
+            for path, route in ((p, r) for p in via for r in routes):
+                url = f"{bases[path]}/v1/chat/completions"
                 forced = None if route == "auto" else route
                 warm(url, "dgserve-tiny", items, max_tokens, forced)
                 for c in levels:
                     name = (f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
                             + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
+                            + (", via Serve's proxy" if path == "proxy" else "")
                             + (f", KV {layout}" if len(kv_layouts) > 1 else ""))
                     out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced, cpu)})
                     print(json.dumps(out[-1]), file=sys.stderr)
@@ -314,6 +343,9 @@ def main() -> None:
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
     ap.add_argument("--validator-placement", default="replica", choices=["replica", "ingress"],
                     help="where the app checks answers (validator.placement)")
+    ap.add_argument("--via", default="direct",
+                    help="how requests reach the app: direct (the Ingress replica's own HTTP server, as a load "
+                         "balancer sends them; deployments/data_plane.py), proxy (Serve's HTTP proxy), or both")
     ap.add_argument("--in-process", action="store_true",
                     help="the pipeline in this process (no Ray, no HTTP) instead of the app")
     ap.add_argument("--batcher", action="store_true",
@@ -332,7 +364,7 @@ def main() -> None:
         rows = in_process_runs(items, levels, routes, a.max_tokens, layouts) if routes else []
     else:
         rows = (dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu,
-                             a.validator_placement) if routes else [])
+                             a.validator_placement, tuple(a.via.split(","))) if routes else [])
     if a.vllm:
         rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split(), a.cpu)
     if a.json:

@@ -50,7 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `make` sets it; read when Ray is imported
+from deployments.data_plane import apply as apply_ray_env
+
+apply_ray_env()  # as `make serve` starts Ray; read when Ray is imported (a value already set wins)
 
 from bench import workload as workloads  # noqa: E402
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import time
 
@@ -35,7 +34,9 @@ def request_body(route: str, max_tokens: int) -> dict:
 def start_app(playground: tuple[bool, ...] = (False,)) -> list[str]:
     """The real app (serve.run) on 127.0.0.1:8766, once per ``playground`` setting (each its own
     application and replicas, under ``/``, ``/app1``, ...); returns each one's chat URL."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is imported
+    from deployments.data_plane import apply
+
+    apply()  # as `make serve` starts Ray; read when ray is imported
     import ray
     from ray import serve
 

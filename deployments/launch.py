@@ -1,8 +1,9 @@
 """``make serve``: ``serve run <config>``, then, once ``/health`` answers, where to go next.
 
-``serve run`` starts a local Ray (which needs a token file under ``RAY_AUTH_MODE=token``: the
-Makefile makes one) and blocks; this wrapper watches the health endpoint the config names and
-prints the URL, the docs and one request to try. Ctrl-C stops the service.
+``serve run`` starts a local Ray with :data:`deployments.data_plane.RAY_ENV` (token auth, which
+needs a token file: the Makefile makes one; Serve's throughput data plane) and blocks; this wrapper
+watches the health endpoint the config names and prints the URL, the docs and one request to try.
+Ctrl-C stops the service.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from deployments.data_plane import ray_env
 
 
 def _read(config: Path) -> tuple[dict, dict]:
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     url, model = endpoint(config)
     serve_cli = Path(sys.executable).with_name("serve")
     cmd = [str(serve_cli) if serve_cli.exists() else shutil.which("serve") or "serve", "run", str(config)]
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, env=ray_env())
     signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGINT))
     try:
         deadline = time.monotonic() + args.ready_timeout_s

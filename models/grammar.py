@@ -194,6 +194,14 @@ class GrammarEngine:
         self.special[[i for i in getattr(tokenizer, "all_special_ids", []) if i != eos_id and i < vocab_size]] = True
         self.jump_forward = jump_forward  # AR processors append the text the grammar forces (GrammarProcessor.jump)
         self.max_jump_bytes = max_jump_bytes
+        # a fast tokenizer's own encoder: what its __call__ returns for one text, at a fifth of the cost
+        self._encoder = getattr(tokenizer, "backend_tokenizer", None)
+
+    def encode(self, text: str) -> list[int]:
+        """``text``'s token ids as the tokenizer writes it (no special tokens added)."""
+        if self._encoder is not None:
+            return self._encoder.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def piece(self, token: int) -> str:
         """The text of one token alone."""
@@ -339,7 +347,7 @@ class GrammarProcessor:
         text = self.engine.forced_text(self.matcher, self.engine.max_jump_bytes)
         if not text:
             return []
-        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"][:-1][:room]
+        ids = self.engine.encode(text)[:-1][:room]
         probe = self.matcher.fork()
         out: list[int] = []
         for t in ids:
@@ -390,7 +398,7 @@ class GrammarCanvasHook:
         forced = self.engine.forced_text(base, 4 * self.canvas_length)
         if not forced:
             return {}
-        ids = self.engine.tokenizer(forced, add_special_tokens=False)["input_ids"]
+        ids = self.engine.encode(forced)
         probe = base.fork()
         pins: dict[int, int] = {}
         for i, t in enumerate(ids[: self.canvas_length]):

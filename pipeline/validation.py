@@ -55,13 +55,21 @@ def _timed_pattern(validator, pattern, instance, schema):
         yield ValidationError(f"pattern {pattern!r} is not a valid regex: {e}")
 
 
+@lru_cache(maxsize=None)
+def _timed_validator(base: type) -> type:
+    """``base`` (a jsonschema dialect's validator class) with :func:`_timed_pattern`: one class per
+    dialect, made once (``extend`` builds a new class, which costs more than a validation)."""
+    from jsonschema.validators import extend
+
+    return extend(base, {"pattern": _timed_pattern})
+
+
 @lru_cache(maxsize=512)
 def _compiled_schema(key: str, schema_json: str):
-    from jsonschema.validators import extend, validator_for
+    from jsonschema.validators import validator_for
 
     schema = json.loads(schema_json)
-    cls = extend(validator_for(schema), {"pattern": _timed_pattern})
-    return cls(schema)
+    return _timed_validator(validator_for(schema))(schema)
 
 
 def compiled_schema(schema: Any):

@@ -3,10 +3,12 @@ import os
 import pytest
 import torch
 
+from deployments.data_plane import apply as apply_ray_env
 from tests.apps import API_KEY, free_port, wait_until_healthy
 
+apply_ray_env()  # the Ray the suites start runs as `make serve` runs it
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+from deployments.data_plane import apply  # noqa: E402
+
+apply()
 from tests.apps import free_port, served  # noqa: E402
 
 DEADLINE_S = 20

@@ -11,6 +11,7 @@ import pytest
 import requests
 import yaml
 
+from deployments.data_plane import RAY_ENV
 from tests.apps import measured_route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ def cli(name: str) -> str:
 
 @pytest.fixture
 def ray_head():
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, **RAY_ENV}  # the README's `export` line: token auth, the throughput data plane
     subprocess.run([cli("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
     # as the README says: a machine that never ran Ray has no token file; make one if it is missing
     token = subprocess.run([cli("ray"), "get-auth-token", "--generate"], env=env, capture_output=True,

@@ -1,4 +1,5 @@
 import json
+import random
 
 import pytest
 import torch
@@ -390,3 +391,16 @@ def test_compiled_grammars_outlive_the_engine_on_disk(dg, verifier, tmp_path):
     third = GrammarEngine(tok, vocab, EOS_ID, PAD_ID, engines=("xgrammar",), cache_dir=str(tmp_path))
     assert answer(third).token_ids == want.token_ids
     assert third.backends[0].disk.stores == 1 and json.loads(files[0].read_text())
+
+
+def test_the_engines_encoder_writes_what_the_tokenizer_writes(engine):
+    """``GrammarEngine.encode`` (the fast tokenizer's own encoder) against the tokenizer's
+    ``__call__``, on forced texts, whitespace, non-ASCII and special tokens' strings."""
+    tok = engine.tokenizer
+    texts = ['{"name":"', '","age":', ',"tags":["', '"}', " ", "a  b\n\tc", '{"é":"ü"}', "<eos>", "<pad>x",
+             '{"x":{"y":[1,2.5e-3,true,null]}}', ""]
+    rng = random.Random(0)
+    alphabet = '{}[]":,abcdefghijklmnopqrstuvwxyz 0123456789\n\té<>_-'
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(500)]
+    for t in texts:
+        assert engine.encode(t) == tok(t, add_special_tokens=False)["input_ids"], t
