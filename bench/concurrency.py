@@ -186,8 +186,8 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        proxy = "http://127.0.0.1:8767"  # Serve's HTTP proxy
-        serve.start(http_options={"host": "127.0.0.1", "port": 8767})
+        port = 8767  # Serve's HTTP proxy
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         top = max(levels)
         replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
         out = []
@@ -197,7 +197,7 @@ def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layout
                     "validator": {"placement": validator_placement},
                     "ingress": {"max_ongoing_requests": 4 * top + 8}}
             serve.run(build_app(args), name="dgserve", route_prefix="/")
-            bases = {"proxy": proxy}
+            bases = {"proxy": f"http://127.0.0.1:{port}"}
             if "direct" in via:
                 bases["direct"] = direct_url("dgserve")
             for path, route in ((p, r) for p in via for r in routes):

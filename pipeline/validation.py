@@ -65,7 +65,7 @@ def _timed_validator(base: type) -> type:
 
 
 @lru_cache(maxsize=512)
-def _compiled_schema(key: str, schema_json: str):
+def _compiled_schema(schema_json: str):
     from jsonschema.validators import validator_for
 
     schema = json.loads(schema_json)
@@ -73,8 +73,7 @@ def _compiled_schema(key: str, schema_json: str):
 
 
 def compiled_schema(schema: Any):
-    text = json.dumps(schema, sort_keys=True)
-    return _compiled_schema(spec_key(schema), text)
+    return _compiled_schema(json.dumps(schema, sort_keys=True))  # keyed by its canonical text
 
 
 def _json_path(path) -> str:

@@ -8,7 +8,6 @@ checkpoint exported from the tiny drafter) needing a GPU each, the Ingress and t
 needing none. All traffic goes to 127.0.0.1, bounded in count and time.
 """
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from deployments.data_plane import apply  # noqa: E402
+from deployments.data_plane import apply
 
 apply()
 from tests.apps import free_port, served  # noqa: E402
