@@ -225,7 +225,7 @@ class Target:
 
 
 def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool = False,
-               rounds: int = 1) -> list[dict]:
+               rounds: int = 1, settle_timeout_s: float = 20.0) -> list[dict]:
     """Each level on each target, after two warm-up requests each, each run once the machine is
     idle (:func:`settle`). ``rounds`` > 1: each level
     ``rounds`` times, the targets' order reversed every other round (A B, B A, A B, ...), so that a
@@ -236,7 +236,7 @@ def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool 
     for c in levels:
         for r in range(rounds):
             for t in (targets if r % 2 == 0 else targets[::-1]):
-                settle()
+                settle(timeout_s=settle_timeout_s)
                 out.append({"server": t.name, **({"round": r + 1} if rounds > 1 else {}),
                             **level(t.url, t.model, items, c, max_tokens, t.route, cpu)})
                 print(json.dumps(out[-1]), file=sys.stderr)
