@@ -228,9 +228,9 @@ class Target:
 def run_levels(targets: list[Target], items, levels, max_tokens: int, cpu: bool = False,
                rounds: int = 1, settle_timeout_s: float = 20.0) -> list[dict]:
     """Each level on each target, after two warm-up requests each, each run once the machine is
-    idle (:func:`settle`). ``rounds`` > 1: each level
-    ``rounds`` times, the targets' order reversed every other round (A B, B A, A B, ...), so that a
-    drift in this machine's speed falls on every target alike; the rows carry their round."""
+    idle (:func:`settle`). ``rounds`` > 1: each level ``rounds`` times, the targets' order reversed
+    every other round (A B, B A, A B, ...), so that a drift in this machine's speed falls on every
+    target alike; the rows carry their round."""
     for t in targets:
         warm(t.url, t.model, items, max_tokens, t.route)
     out = []
