@@ -452,7 +452,7 @@ def main() -> None:
     routes = [r for r in a.routes.split(",") if r]
     layouts = tuple(a.kv_layouts.split(","))
     top = max(levels)
-    if a.rounds > 1 and a.batcher or a.rounds > 1 and a.in_process or a.rounds > 1 and len(layouts) > 1:
+    if a.rounds > 1 and (a.batcher or a.in_process or len(layouts) > 1):
         ap.error("--rounds > 1 measures the app (one KV layout) and the peer side by side")
     if a.apart and a.rounds < 2:
         ap.error("--apart alternates the servers over --rounds (2 or more)")
@@ -466,17 +466,14 @@ def main() -> None:
                                 validator_placement=a.validator_placement, via=tuple(a.via.split(",")),
                                 layout_in_name=len(layouts) > 1, torch_threads=a.drafter_threads)
         if a.rounds > 1 and a.apart:  # each server alone, started and stopped per round
+            sides = (["app"] if routes else []) + (["vllm"] if a.vllm else [])
             for r in range(a.rounds):
-                for side in ("app", "vllm") if r % 2 == 0 else ("vllm", "app"):
-                    if side == "app" and routes:
-                        with ray_serve() as port, app(port, layout=layouts[0]) as targets:
-                            part = run_levels(targets, items, levels, a.max_tokens, a.cpu)
-                    elif side == "vllm" and a.vllm:
-                        with vllm_peer(top, a.vllm_args.split()) as targets:
-                            part = run_levels(targets, items, levels, a.max_tokens, a.cpu)
-                    else:
-                        continue
-                    rows += [{**row, "round": r + 1} for row in part]
+                for side in sides if r % 2 == 0 else sides[::-1]:
+                    with contextlib.ExitStack() as up:
+                        targets = (up.enter_context(app(up.enter_context(ray_serve()), layout=layouts[0]))
+                                   if side == "app" else up.enter_context(vllm_peer(top, a.vllm_args.split())))
+                        rows += [{**row, "round": r + 1}
+                                 for row in run_levels(targets, items, levels, a.max_tokens, a.cpu)]
         elif a.rounds > 1:  # every server up at once, the levels interleaved
             with contextlib.ExitStack() as up:
                 targets = up.enter_context(vllm_peer(top, a.vllm_args.split())) if a.vllm else []
@@ -492,18 +489,19 @@ def main() -> None:
             if a.vllm:
                 with vllm_peer(top, a.vllm_args.split()) as targets:
                     rows += run_levels(targets, items, levels, a.max_tokens, a.cpu)
+    vs_vllm = compare(rows)
     if a.json:
-        print(json.dumps({"rows": rows, "vs_vllm": compare(rows)}))
+        print(json.dumps({"rows": rows, "vs_vllm": vs_vllm}))
         return
     print("| server / route | concurrency | round | p50 ms | p90 ms | req/s | tok/s | valid | invalid successes | statuses |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['server']} | {r['concurrency']} | {r.get('round', 1)} | {r['p50_ms']} | {r['p90_ms']} | {r['req_s']} | "
               f"{r['tok_s']} | {r['valid']}/{r['requests']} | {r['invalid_success']} | {r['statuses']} |")
-    if compare(rows):
+    if vs_vllm:
         print("\n| concurrency | round | best dgserve route | its req/s over vLLM's | its p50 ms | vLLM's p50 ms |")
         print("|---|---|---|---|---|---|")
-        for v in compare(rows):
+        for v in vs_vllm:
             print(f"| {v['concurrency']} | {v.get('round', 1)} | {v['best']} | {v['req_s_ratio']} | {v['p50_ms']} | "
                   f"{v['vllm_p50_ms']} |")
 
