@@ -262,7 +262,8 @@ def ray_serve(port: int = 8767) -> Iterator[int]:
 @contextlib.contextmanager
 def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "auto",
                 validator_placement: str = "replica", via: tuple[str, ...] = ("direct",),
-                layout_in_name: bool = False, torch_threads: int = 1) -> Iterator[list[Target]]:
+                layout_in_name: bool = False, torch_threads: int = 1,
+                prefix_cache_tokens: int | None = None) -> Iterator[list[Target]]:
     """The real app (``serve.run``, the committed checkpoint, ``verifier.max_num_seqs`` = ``top``)
     on Serve started by :func:`ray_serve`; yields one target per way in and route; deleted afterwards."""
     from ray import serve
@@ -271,7 +272,9 @@ def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "a
 
     replica = {"max_ongoing_requests": 4 * top, "num_replicas": replicas}
     args = {"drafter": {"device": "cpu", "dtype": "float32", "replica": replica, "torch_threads": torch_threads},
-            "verifier": {"max_num_seqs": top, "kv_layout": layout}, "limits": {"max_in_flight": 4 * top},
+            "verifier": {"max_num_seqs": top, "kv_layout": layout,
+                         **({} if prefix_cache_tokens is None else {"prefix_cache_tokens": prefix_cache_tokens})},
+            "limits": {"max_in_flight": 4 * top},
             "validator": {"placement": validator_placement},
             "ingress": {"max_ongoing_requests": 4 * top + 8}}
     serve.run(build_app(args), name="dgserve", route_prefix="/")
@@ -283,7 +286,8 @@ def dgserve_app(port: int, routes, top: int, replicas: int = 1, layout: str = "a
                       + (f", validated in the {validator_placement}" if validator_placement != "replica" else "")
                       + (", via Serve's proxy" if path == "proxy" else "")
                       + (f", KV {layout}" if layout_in_name else "")
-                      + (f", {torch_threads} torch threads" if torch_threads != 1 else ""),
+                      + (f", {torch_threads} torch threads" if torch_threads != 1 else "")
+                      + (f", prefix cache {prefix_cache_tokens}" if prefix_cache_tokens is not None else ""),
                       f"{bases[path]}/v1/chat/completions", "dgserve-tiny", None if route == "auto" else route)
                for path in via for route in routes]
     finally:
@@ -426,6 +430,8 @@ def main() -> None:
     ap.add_argument("--drafter-replicas", type=int, default=1,
                     help="Drafter replicas (each with its own AR batch through the same weights)")
     ap.add_argument("--drafter-threads", type=int, default=1, help="the Drafter replica's drafter.torch_threads")
+    ap.add_argument("--prefix-cache-tokens", type=int, default=None,
+                    help="verifier.prefix_cache_tokens (0: no prefix cache; default: the config's)")
     ap.add_argument("--kv-layouts", default="auto",
                     help="the AR batch's KV layouts to run, one app each (models/batch_kv.py), e.g. slots,padded")
     ap.add_argument("--validator-placement", default="replica", choices=["replica", "ingress"],
@@ -464,7 +470,8 @@ def main() -> None:
         rows = []
         app = functools.partial(dgserve_app, routes=routes, top=top, replicas=a.drafter_replicas,
                                 validator_placement=a.validator_placement, via=tuple(a.via.split(",")),
-                                layout_in_name=len(layouts) > 1, torch_threads=a.drafter_threads)
+                                layout_in_name=len(layouts) > 1, torch_threads=a.drafter_threads,
+                                prefix_cache_tokens=a.prefix_cache_tokens)
         if a.rounds > 1 and a.apart:  # each server alone, started and stopped per round
             sides = (["app"] if routes else []) + (["vllm"] if a.vllm else [])
             for r in range(a.rounds):

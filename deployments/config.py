@@ -157,9 +157,13 @@ class VerifierArgs(ModelArgs):
     # that batch's KV (models/batch_kv.py): slots (DiffusionGemma's lean causal forward), padded
     # (transformers' forward and cache, any causal LM), auto (slots where the model allows them)
     kv_layout: Literal["auto", "slots", "padded"] = "auto"
+    # prompt KV kept for later rows that start with the same tokens (models/prefix_cache.py; the
+    # slots layout; 0: off). vLLM's automatic prefix caching, on the transformers backend
+    prefix_cache_tokens: int = Field(default=_WIRING.ar_prefix_cache_tokens, ge=0)
 
     def wiring(self, structured: "StructuredArgs"):
-        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs, ar_kv_layout=self.kv_layout)
+        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs, ar_kv_layout=self.kv_layout,
+                       ar_prefix_cache_tokens=self.prefix_cache_tokens)
 
 
 class ValidatorArgs(_Strict):

@@ -60,6 +60,7 @@ class BatchStats:
     rebuilds: int  # of those, prefills of the whole batch (the first rows; padded: a compaction, a cache that cannot grow)
     splices: int  # rows joined by a prefill of their own, added to the running batch
     widenings: int  # of those, joins that first padded the running cache on the left (padded layout only)
+    cached_tokens: int  # joining rows' prompt tokens read from the prefix cache, not prefilled (slots only)
     tokens: int  # tokens produced
     peak_rows: int  # most rows in one step
     row_steps: int  # rows summed over the steps (row_steps / steps: the mean batch)
@@ -71,15 +72,15 @@ class ARBatcher:
     """One running decode batch over an :class:`ARVerifier`'s model, fed from any thread."""
 
     def __init__(self, verifier: ARVerifier, max_num_seqs: int = 8, max_batch_tokens: int = 16384,
-                 kv_layout: str = "auto", max_padding: int = 64):
-        """``kv_layout`` and ``max_padding``: :func:`models.batch_kv.batch_kv`."""
+                 kv_layout: str = "auto", max_padding: int = 64, prefix_cache_tokens: int = 0):
+        """``kv_layout``, ``max_padding`` and ``prefix_cache_tokens``: :func:`models.batch_kv.batch_kv`."""
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         self.verifier = verifier
         self.lm = verifier.lm
         self.max_num_seqs = max_num_seqs
         self.max_batch_tokens = max_batch_tokens
-        self.kv = batch_kv(verifier, max_num_seqs, kv_layout, max_padding)
+        self.kv = batch_kv(verifier, max_num_seqs, kv_layout, max_padding, prefix_cache_tokens)
         self._waiting: deque[_Row] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -130,7 +131,8 @@ class ARBatcher:
             thread.join(timeout_s)
 
     def stats(self) -> BatchStats:
-        return BatchStats(self._steps, self.kv.rebuilds, self.kv.splices, self.kv.widenings, self._tokens, self._peak,
+        return BatchStats(self._steps, self.kv.rebuilds, self.kv.splices, self.kv.widenings, self.kv.cached_tokens,
+                          self._tokens, self._peak,
                           self._row_steps, self._forward_s, self._pick_s)
 
     # -- the loop thread --------------------------------------------------------------------

@@ -7,7 +7,9 @@ token [active + joined, vocab]; ``keep(rows)`` drops the rows that left.
 * :class:`SlotBatch` (DiffusionGemma checkpoints :func:`models.causal_encoder.lean_encoder`
   covers): each row owns a slot of a :class:`models.causal_encoder.SlotKV`, its token at position
   ``p`` in column ``p``. Joining is a prefill of the joining rows into their slots, leaving a copy
-  of the slots behind it; nothing is padded, so nothing is ever prefilled again.
+  of the slots behind it; nothing is padded, so nothing is ever prefilled again. With a
+  :class:`models.prefix_cache.PrefixCache`, a joining row's prompt blocks the cache holds are
+  copied into its slot, and only the rest is prefilled.
 * :class:`PaddedBatch` (any transformers causal LM): transformers' ``DynamicCache``, rows padded
   on the left to a shared width. Joining rows are prefilled together at their own width and their
   KV, padded on the left, is appended to the cache (a *splice*); a joining row longer than the batch
@@ -25,6 +27,7 @@ import torch
 
 from .causal_encoder import SlotKV, lean_encoder
 from .loading import left_padded
+from .prefix_cache import PrefixCache
 from .verifier import ARVerifier, DiffusionCausalLM, feed, row_positions
 
 
@@ -35,6 +38,7 @@ class Row(Protocol):
 
 
 class BatchKV(Protocol):
+    cached_tokens: int  # joining rows' tokens read from a prefix cache instead of prefilled
     rebuilds: int  # prefills of the whole batch
     splices: int  # prefills of joining rows added to a running batch
     widenings: int  # of those, joins that first padded the running cache on the left
@@ -49,13 +53,16 @@ class BatchKV(Protocol):
     def reset(self) -> None: ...
 
 
-def batch_kv(verifier: ARVerifier, rows: int, layout: str = "auto", max_padding: int = 64) -> BatchKV:
-    """``layout``: ``slots``, ``padded``, or ``auto`` (slots where the model allows it)."""
+def batch_kv(verifier: ARVerifier, rows: int, layout: str = "auto", max_padding: int = 64,
+             prefix_cache_tokens: int = 0) -> BatchKV:
+    """``layout``: ``slots``, ``padded``, or ``auto`` (slots where the model allows it);
+    ``prefix_cache_tokens``: the slot layout keeps that many tokens of prompt KV for later rows
+    (``models/prefix_cache.py``; 0: none; the padded layout keeps none)."""
     if layout not in ("auto", "slots", "padded"):
         raise ValueError(f"unknown KV layout {layout!r}; expected auto, slots or padded")
     encoder = lean_encoder(verifier.lm.model) if layout != "padded" and isinstance(verifier.lm, DiffusionCausalLM) else None
     if encoder is not None:
-        return SlotBatch(encoder, rows)
+        return SlotBatch(encoder, rows, PrefixCache(encoder, prefix_cache_tokens) if prefix_cache_tokens else None)
     if layout == "slots":
         raise ValueError("this model has no slot layout (models/causal_encoder.py:lean_encoder)")
     return PaddedBatch(verifier, max_padding)
@@ -64,11 +71,12 @@ def batch_kv(verifier: ARVerifier, rows: int, layout: str = "auto", max_padding:
 class SlotBatch:
     """Rows in the slots of a :class:`models.causal_encoder.SlotKV`, running row ``b`` in slot ``b``."""
 
-    def __init__(self, encoder, rows: int):
+    def __init__(self, encoder, rows: int, prefix: PrefixCache | None = None):
         self.encoder = encoder
         self.kv = SlotKV(encoder, rows)
+        self.prefix = prefix
         self.lengths: list[int] = []  # the tokens each running row has in its slot
-        self.rebuilds = self.splices = self.widenings = 0
+        self.rebuilds = self.splices = self.widenings = self.cached_tokens = 0
 
     def advance(self, active, joined):
         parts = []
@@ -77,8 +85,19 @@ class SlotBatch:
             parts.append(self.encoder.forward(self.kv, 0, news, self.lengths))
             self.lengths = [n + len(t) for n, t in zip(self.lengths, news)]
         if joined:
-            seqs = [r.prompt + r.out for r in joined]
-            parts.append(self.encoder.forward(self.kv, len(active), seqs, [0] * len(seqs)))
+            first, seqs = len(active), [r.prompt + r.out for r in joined]
+            starts = [0] * len(seqs)
+            if self.prefix is not None:  # each row from the first token its cached prefix lacks
+                found = [self.prefix.lookup(s) for s in seqs]
+                starts = [min(len(f) * self.prefix.block, len(s) - 1) for f, s in zip(found, seqs)]
+                self.kv.ensure(first + len(seqs), max(len(s) for s in seqs))
+                for r, blocks in enumerate(found):
+                    self.prefix.load(self.kv, first + r, blocks)
+                self.cached_tokens += sum(starts)
+            parts.append(self.encoder.forward(self.kv, first, [s[n:] for s, n in zip(seqs, starts)], starts))
+            if self.prefix is not None:
+                for r, row in enumerate(joined):
+                    self.prefix.store(self.kv, first + r, row.prompt)
             self.lengths += [len(s) for s in seqs]
             if active:
                 self.splices += 1
@@ -113,7 +132,7 @@ class PaddedBatch:
         self.max_padding = max_padding  # columns of padding before the batch is compacted
         self.cache = self.mask = None
         self.cur = 0  # columns in the batch (padding included)
-        self.rebuilds = self.splices = self.widenings = 0
+        self.rebuilds = self.splices = self.widenings = self.cached_tokens = 0
 
     def advance(self, active, joined):
         step = max((len(r.new) for r in active), default=1)  # columns this step adds

@@ -39,6 +39,7 @@ class Wiring:
     verify_draft_width: int | None = None  # canvas tokens sent per round to a verifier elsewhere
     ar_max_num_seqs: int = 8  # AR rows in one running decode batch (models/ar_batch.py)
     ar_kv_layout: str = "auto"  # that batch's KV: slots, padded, or auto (models/batch_kv.py)
+    ar_prefix_cache_tokens: int = 8192  # prompt KV kept for later rows (models/prefix_cache.py; slots; 0: off)
     jump_forward: bool = True  # AR decoding appends the text a grammar forces (GrammarProcessor.jump)
     grammar_cache_dir: str | None = None  # compiled grammars kept on disk for the replica's next life
 
@@ -89,7 +90,8 @@ def transformers_roles(drafter, verifier, wiring: Wiring = Wiring(), remote_veri
     decoding = ConstraintDecoding(grammar, sudoku_decoding(source.tokenizer, model, source.eos_ids))
     guidance = decoding if wiring.canvas_guidance else None
     ar = TransformersAR(verifier, decoding, work=work, max_num_seqs=wiring.ar_max_num_seqs,
-                        kv_layout=wiring.ar_kv_layout) if verifier is not None else None
+                        kv_layout=wiring.ar_kv_layout, prefix_cache_tokens=wiring.ar_prefix_cache_tokens
+                        ) if verifier is not None else None
     if drafter is None:
         return Roles(None, ar, work)
     if remote_verifier is not None:

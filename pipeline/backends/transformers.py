@@ -153,14 +153,15 @@ class TransformersAR:
     """
 
     def __init__(self, verifier, decoding=None, work: WorkTracker | None = None, batcher=None,
-                 max_num_seqs: int = 8, kv_layout: str = "auto"):
+                 max_num_seqs: int = 8, kv_layout: str = "auto", prefix_cache_tokens: int = 0):
         from models.ar_batch import ARBatcher
 
         self.verifier = verifier
         self.work = work or WorkTracker()
         self.tokenizer = verifier.tokenizer
         self.decoding = decoding
-        self.batcher = batcher or ARBatcher(verifier, max_num_seqs, kv_layout=kv_layout)
+        self.batcher = batcher or ARBatcher(verifier, max_num_seqs, kv_layout=kv_layout,
+                                            prefix_cache_tokens=prefix_cache_tokens)
 
     def _processor(self, job: Job, prefix: Sequence[int] = ()):
         c = job.constraint
