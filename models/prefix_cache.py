@@ -66,8 +66,7 @@ class PrefixCache:
             found.append(b)
             keys.append(key)
             parent = b.uid
-        for key in reversed(keys):  # deeper blocks first: the shallower are then the more recent
-            self._blocks.move_to_end(key)
+        self._touch(keys)
         return found
 
     @torch.inference_mode()
@@ -86,7 +85,7 @@ class PrefixCache:
     def store(self, kv, slot: int, tokens: Sequence[int]) -> None:
         """Keep the full blocks of ``tokens`` whose KV ``kv``'s slot ``slot`` holds and the cache
         does not (a row's prompt, after its prefill)."""
-        parent = 0
+        keys, parent = [], 0
         for start in range(0, len(tokens) - self.block + 1, self.block):
             key = (parent, tuple(tokens[start:start + self.block]))
             b = self._blocks.get(key)
@@ -94,7 +93,16 @@ class PrefixCache:
                 b = self._blocks[key] = _Block(next(self._uids), self._take())
                 for pool, slots in zip(self.keys + self.values, kv.keys + kv.values):
                     pool[b.index] = slots[slot, :, start:start + self.block]
+            keys.append(key)
             parent = b.uid
+        self._touch(keys)
+
+    def _touch(self, keys) -> None:
+        """Most recently used: ``keys`` (one prompt's blocks in order), the deeper ones first, so
+        that a prefix is more recent than the blocks that extend it."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     def _take(self) -> int:
         if self._free:

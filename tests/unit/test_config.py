@@ -89,3 +89,11 @@ def test_the_ar_batch_kv_layout_reaches_the_wiring_and_unknown_ones_are_refused(
     assert AppArgs().verifier.wiring(AppArgs().structured).ar_kv_layout == "auto"
     with pytest.raises(ValidationError, match="kv_layout"):
         AppArgs.model_validate({"verifier": {"kv_layout": "paged"}})
+
+
+def test_the_prefix_cache_size_reaches_the_wiring_and_a_negative_one_is_refused():
+    args = AppArgs.model_validate({"verifier": {"prefix_cache_tokens": 0}})
+    assert args.verifier.wiring(args.structured).ar_prefix_cache_tokens == 0
+    assert AppArgs().verifier.wiring(AppArgs().structured).ar_prefix_cache_tokens == 8192
+    with pytest.raises(ValidationError, match="prefix_cache_tokens"):
+        AppArgs.model_validate({"verifier": {"prefix_cache_tokens": -1}})
