@@ -37,23 +37,37 @@ class _Block:
 
 
 class PrefixCache:
-    """``capacity_tokens`` tokens of KV (rounded down to whole blocks) for ``encoder``'s layers."""
+    """``capacity_tokens`` tokens of KV (rounded down to whole blocks) for ``encoder``'s layers;
+    the pool grows as blocks come, doubling, up to that."""
 
     def __init__(self, encoder, capacity_tokens: int = 8192, block: int = 16):
         if block < 1 or capacity_tokens < block:
             raise ValueError(f"a prefix cache needs at least one block of {block} tokens, not {capacity_tokens}")
         self.block = block
         self.capacity = capacity_tokens // block  # blocks
-        e = encoder
-        # per layer [capacity, kv_heads, block, head_dim], as SlotKV keeps a slot's columns
-        self.keys = [e.embed.new_zeros(self.capacity, L.kv_heads, block, L.head_dim) for L in e.layers]
-        self.values = [e.embed.new_zeros(self.capacity, L.kv_heads, block, L.head_dim) for L in e.layers]
+        self._encoder = encoder
+        self.keys: list[torch.Tensor] = []  # per layer [blocks, kv_heads, block, head_dim], as SlotKV keeps a slot's columns
+        self.values: list[torch.Tensor] = []
         self._blocks: OrderedDict[tuple[int, tuple[int, ...]], _Block] = OrderedDict()  # LRU first
-        self._free = list(range(self.capacity))
+        self._free: list[int] = []
         self._uids = itertools.count(1)  # 0: the root, before a prompt's first block
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    @property
+    def allocated(self) -> int:
+        """Blocks the pool has room for now."""
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def _grow(self, blocks: int) -> None:
+        e, had = self._encoder, self.allocated
+        new_k = [e.embed.new_zeros(blocks, L.kv_heads, self.block, L.head_dim) for L in e.layers]
+        new_v = [e.embed.new_zeros(blocks, L.kv_heads, self.block, L.head_dim) for L in e.layers]
+        for new, old in zip(new_k + new_v, self.keys + self.values):
+            new[:had] = old
+        self.keys, self.values = new_k, new_v
+        self._free.extend(range(blocks - 1, had - 1, -1))  # taken from the end: the lowest first
 
     def lookup(self, tokens: Sequence[int]) -> list[_Block]:
         """The cached blocks ``tokens`` starts with, in order (touched as used)."""
@@ -105,6 +119,8 @@ class PrefixCache:
                 self._blocks.move_to_end(key)
 
     def _take(self) -> int:
+        if not self._free and self.allocated < self.capacity:
+            self._grow(min(self.capacity, max(16, 2 * self.allocated)))
         if self._free:
             return self._free.pop()
         _, old = self._blocks.popitem(last=False)  # the least recently used block

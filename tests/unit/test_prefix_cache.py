@@ -45,6 +45,7 @@ def _prefilled(encoder, cache: PrefixCache, prompt) -> None:
 def test_a_lookup_finds_the_blocks_a_prompt_shares_from_its_start(encoder):
     """The module docstring's example, block 4."""
     cache = PrefixCache(encoder, capacity_tokens=64, block=4)
+    assert cache.allocated == 0  # the pool grows as blocks come
     _prefilled(encoder, cache, [5, 6, 7, 8, 9, 10, 11, 12, 13])
     assert len(cache) == 2  # two full blocks; the ninth token is not kept
     assert len(cache.lookup([5, 6, 7, 8, 9, 10, 11, 12, 40])) == 2
@@ -65,7 +66,7 @@ def test_a_full_pool_gives_up_the_least_recently_used_block_and_deeper_blocks_be
     assert len(cache.lookup(b)) == 1
     _prefilled(encoder, cache, d)  # now a's second block is the oldest
     assert [len(cache.lookup(p)) for p in (a, b, c, d)] == [1, 1, 1, 1]
-    assert len(cache) == 4
+    assert len(cache) == cache.allocated == 4  # never past its capacity
 
 
 def test_capacity_is_at_least_one_block(encoder):
