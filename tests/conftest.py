@@ -19,6 +19,14 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 @pytest.fixture(scope="session")
+def tiny():
+    """The committed tiny checkpoint as an AR verifier (through its causal encoder)."""
+    from models.verifier import ARVerifier
+
+    return ARVerifier.from_pretrained(None, "diffusion", "cpu")
+
+
+@pytest.fixture(scope="session")
 def dg():
     """The committed tiny DiffusionGemma checkpoint: (model, tokenizer)."""
     from models.loading import load_diffusion_model

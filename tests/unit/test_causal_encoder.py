@@ -16,11 +16,6 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return ARVerifier.from_pretrained(None, "diffusion", "cpu")
-
-
-@pytest.fixture(scope="module")
 def odd(tiny):
     """A random model: window 8, two sliding layers and a full one, 3 experts (top 2), and
     random router scales, expert scales and layer scalars."""

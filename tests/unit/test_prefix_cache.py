@@ -12,16 +12,10 @@ from models import tasks
 from models.batch_kv import SlotBatch
 from models.causal_encoder import SlotKV, lean_encoder
 from models.prefix_cache import PrefixCache
-from models.verifier import ARVerifier
 from pipeline.assemble import Wiring, transformers_roles
 from pipeline.interfaces import Constraint, Job
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return ARVerifier.from_pretrained(None, "diffusion", "cpu")
 
 
 @pytest.fixture(scope="module")
