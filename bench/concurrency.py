@@ -16,6 +16,7 @@ the level's wall time, how many answers validate against their schema, and the s
 * ``--validator-placement ingress``: answers checked in the Ingress replica (no Validator deployment);
 * ``--drafter-replicas N``: N Drafter replicas, each with its own AR batch (one process each);
 * ``--drafter-threads N``: the Drafter replica's ``drafter.torch_threads`` (the model's intra-op threads);
+* ``--prefix-cache-tokens N``: the AR batch's ``verifier.prefix_cache_tokens`` (0: no prefix cache);
 * ``--in-process``: the same pipeline in this process, no Ray and no HTTP (``Gateway.chat``), per
   KV layout: what the model side serves without the serving layers (its CPU per request is this
   process's);
