@@ -162,7 +162,11 @@ class VerifierArgs(ModelArgs):
     prefix_cache_tokens: int = Field(default=_WIRING.ar_prefix_cache_tokens, ge=0)
 
     def wiring(self, structured: "StructuredArgs"):
-        return replace(super().wiring(structured), ar_max_num_seqs=self.max_num_seqs, ar_kv_layout=self.kv_layout,
+        return self.ar_batch(super().wiring(structured))
+
+    def ar_batch(self, wiring):
+        """``wiring`` with this verifier's AR batch settings (also for a drafter replica serving AR)."""
+        return replace(wiring, ar_max_num_seqs=self.max_num_seqs, ar_kv_layout=self.kv_layout,
                        ar_prefix_cache_tokens=self.prefix_cache_tokens)
 
 

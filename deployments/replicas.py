@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import AsyncIterator
 
 from ray import serve
@@ -82,8 +81,7 @@ class DrafterDeployment:
             return
         if verifier.source == "same":  # this replica serves AR: at the verifier's batch size
             ar = ARVerifier.from_diffusion_model(drafter.model, drafter.tokenizer)
-            wiring = replace(wiring, ar_max_num_seqs=verifier.max_num_seqs, ar_kv_layout=verifier.kv_layout,
-                             ar_prefix_cache_tokens=verifier.prefix_cache_tokens)
+            wiring = verifier.ar_batch(wiring)
         else:
             ar = ARVerifier.from_pretrained(verifier.checkpoint, "causal", verifier.device, verifier.dtype)
         self.roles = transformers_roles(drafter, ar, wiring)

@@ -30,10 +30,7 @@ def _prompts(lengths, seed):
 
 def _prefilled(encoder, cache: PrefixCache, prompt) -> None:
     """``prompt`` prefilled into slot 0 of a fresh KV and its full blocks kept in ``cache``."""
-    kv = SlotKV(encoder, 1)
-    with torch.inference_mode():
-        encoder.forward(kv, 0, [prompt], [0])
-    cache.store(kv, 0, prompt)
+    cache.store(*_slot_with(encoder, prompt))
 
 
 def test_a_lookup_finds_the_blocks_a_prompt_shares_from_its_start(encoder):
@@ -89,6 +86,7 @@ def test_rows_that_read_their_prefix_from_the_cache_get_the_logits_of_their_own_
 
 
 def _slot_with(encoder, prompt):
+    """A fresh KV with ``prompt`` prefilled into slot 0: (kv, 0, prompt)."""
     kv = SlotKV(encoder, 1)
     with torch.inference_mode():
         encoder.forward(kv, 0, [prompt], [0])
